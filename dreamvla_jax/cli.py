@@ -1,0 +1,72 @@
+"""Shared command-line plumbing: config loading and one-sentence errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import ml_collections
+
+
+class UsageError(ValueError):
+    """Bad input from the user: a missing file, a wrong flag, an inconsistent config."""
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads ``path/to/config.py[:arg]`` the way ``--config`` does (``get_config(arg)``)."""
+    path, _, arg = spec.partition(':')
+    if not Path(path).is_file():
+        raise UsageError(f"--config: no config file at {path!r} (expected e.g. configs/calvin.py:debug)")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, 'get_config'):
+        raise UsageError(f"--config: {path} defines no get_config(arg)")
+    return module.get_config(arg or None)
+
+
+def _config_arg(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith('--config='):
+            return a.split('=', 1)[1]
+        if a == '--config' and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def run(main) -> None:
+    """``absl.app.run(main)`` after checking ``--config`` so a bad config file or preset is one
+    sentence rather than absl's embedded traceback."""
+    from absl import app
+
+    spec = _config_arg(sys.argv[1:])
+    if spec is not None and not os.environ.get('DREAMVLA_DEBUG'):
+        try:
+            load_config(spec)
+        except Exception as e:  # noqa: BLE001 - any failure here is the config file's fault
+            msg = e.args[0] if e.args else repr(e)
+            prefix = '' if isinstance(e, UsageError) else f"--config {spec}: "
+            print(f"error: {prefix}{msg}", file=sys.stderr)
+            sys.exit(2)
+    app.run(friendly_errors(main))
+
+
+def friendly_errors(main):
+    """Wraps an entry point: user-facing errors print one line and exit 2.
+
+    Set ``DREAMVLA_DEBUG=1`` to get the full traceback instead.
+    """
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        if os.environ.get('DREAMVLA_DEBUG'):
+            return main(*args, **kwargs)
+        try:
+            return main(*args, **kwargs)
+        except (ValueError, FileNotFoundError, KeyError) as e:  # DataError, ConvertError, UsageError, ...
+            msg = e.args[0] if e.args else repr(e)
+            print(f"error: {msg}", file=sys.stderr)
+            sys.exit(2)
+    return wrapper

@@ -1,0 +1,49 @@
+"""Loss terms of DreamVLA (SPEC section 7). All reductions in float32."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+    """``mean((mask * pred - mask * target)^2)`` over ALL elements (not over the mask count).
+
+    pred, target ``[..., L, C]``; mask ``[..., L]`` (1 = dynamic patch). An all-zero mask gives 0.
+    """
+    m = mask[..., None].astype(jnp.float32)
+    return jnp.mean(jnp.square(m * pred.astype(jnp.float32) - m * target.astype(jnp.float32)))
+
+
+def silog(pred: jax.Array, target: jax.Array, lam: float = 0.5, eps: float = 1e-6) -> jax.Array:
+    """Scale-invariant log loss ``sqrt(mean(d^2) - lam * mean(d)^2)``, ``d = log(y+eps) - log(p+eps)``,
+    over the whole tensor."""
+    d = jnp.log(target.astype(jnp.float32) + eps) - jnp.log(pred.astype(jnp.float32) + eps)
+    return jnp.sqrt(jnp.maximum(jnp.mean(d * d) - lam * jnp.mean(d) ** 2, 0.0))
+
+
+def cosine_loss(pred: jax.Array, target: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """``mean(1 - cos(pred, target))`` over the channel (last) dimension, per position."""
+    p, y = pred.astype(jnp.float32), target.astype(jnp.float32)
+    denom = (jnp.maximum(jnp.linalg.norm(p, axis=-1), eps) * jnp.maximum(jnp.linalg.norm(y, axis=-1), eps))
+    return jnp.mean(1.0 - jnp.sum(p * y, axis=-1) / denom)
+
+
+def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+    """``[N, H, W, C]`` -> ``[N, (H/p)*(W/p), p*p*C]``: patches row-major, (row, col, channel) inside."""
+    n, h, w, c = images.shape
+    x = images.reshape(n, h // patch, patch, w // patch, patch, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, (h // patch) * (w // patch), patch * patch * c)
+
+
+def normalize_patches(patches: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Per-patch zero mean / unit variance over the last axis (unbiased variance), as MAE's
+    ``norm_pix_loss``."""
+    x = patches.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = x.var(-1, keepdims=True, ddof=1)
+    return (x - mean) / jnp.sqrt(var + eps)

@@ -1,0 +1,29 @@
+"""Test setup: 8 fake CPU devices for every test (must happen before jax is imported)."""
+
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'configs'))
+
+
+@pytest.fixture(scope='session')
+def root():
+    return ROOT
+
+
+def load_config(preset='debug'):
+    """The configs/calvin.py preset, as the command line would build it."""
+    import calvin  # configs/calvin.py
+    return calvin.get_config(preset)
