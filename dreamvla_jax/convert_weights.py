@@ -1,0 +1,116 @@
+r"""Convert pretrained HF weights (CLIP text, MAE, GPT-2) into one Orbax checkpoint for ``train``.
+
+  python -m dreamvla_jax.convert_weights --clip CLIP_DIR --mae MAE_DIR --gpt2 GPT2_DIR --out OUT --verify
+  python -m dreamvla_jax.train --config configs/calvin.py --workdir W --config.init.pretrained=OUT
+
+Each DIR is a ``save_pretrained`` folder (config.json + model.safetensors or pytorch_model.bin): CLIPModel
+or CLIPTextModelWithProjection, ViTMAEModel or ViTMAEForPreTraining, GPT2Model or GPT2LMHeadModel. Any
+subset may be given. ``--verify`` compares our modules with the transformers reference in fp32 and fails
+above ``--tolerance``. Errors are one sentence and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+from dreamvla_jax.convert import clip, gpt2, mae
+from dreamvla_jax.convert.common import ConvertError, read_config
+from dreamvla_jax.convert.pretrained import save_pretrained
+
+# flag -> (source module, config section it targets)
+SOURCES = {
+    'clip': (clip, lambda c: c.model.text),
+    'mae': (mae, lambda c: c.model.vision),
+    'gpt2': (gpt2, lambda c: c.model),
+}
+
+
+def load_config(spec: str):
+    """``path/to/file.py[:preset]`` -> ``get_config(preset)`` (as ``--config`` does for ``train``)."""
+    path, _, preset = spec.partition(':')
+    if not Path(path).is_file():
+        raise ConvertError(f"--config: {path} does not exist.")
+    module_spec = importlib.util.spec_from_file_location(f'_config_{Path(path).stem}', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    try:
+        return module.get_config(preset or None)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog='python -m dreamvla_jax.convert_weights', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--clip', metavar='DIR', help='CLIPModel / CLIPTextModelWithProjection folder')
+    p.add_argument('--mae', metavar='DIR', help='ViTMAEModel / ViTMAEForPreTraining folder')
+    p.add_argument('--gpt2', metavar='DIR', help='GPT2Model / GPT2LMHeadModel folder')
+    p.add_argument('--out', metavar='OUT', required=True, help='Orbax checkpoint directory to write')
+    p.add_argument('--config', default='configs/calvin.py',
+                   help='target model config, file.py[:preset] (default: %(default)s)')
+    p.add_argument('--verify', action='store_true',
+                   help='compare with the transformers reference (needs torch) and fail above --tolerance')
+    p.add_argument('--tolerance', type=float, default=1e-5, help='max abs difference (fp32) for --verify')
+    p.add_argument('--allow-eps-mismatch', action='store_true',
+                   help='convert although a LayerNorm eps differs (facebook/vit-mae-base: 1e-12, MAE: 1e-6)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    args = p.parse_args(argv)
+    if not any((args.clip, args.mae, args.gpt2)):
+        p.error('give at least one of --clip, --mae, --gpt2')
+    return args
+
+
+def run(args) -> dict[str, dict[str, float]]:
+    """Converts, saves and optionally verifies; returns the verification diffs (empty without --verify)."""
+    from tqdm import tqdm
+
+    config = load_config(args.config)
+    params, meta, diffs = {}, {'config': args.config, 'parts': {}}, {}
+    for flag in tqdm([f for f in SOURCES if getattr(args, f)], desc='models', disable=args.no_progress):
+        source, section = SOURCES[flag]
+        folder = getattr(args, flag)
+        t0 = time.time()
+        converted = source.convert(folder, section(config), progress=not args.no_progress,
+                                   check_eps=not args.allow_eps_mismatch)
+        params[source.PART] = converted.params
+        src_cfg = read_config(folder)
+        meta['parts'][source.PART] = {
+            'source': str(Path(folder).absolute()), 'model_type': src_cfg.get('model_type'),
+            'architectures': src_cfg.get('architectures'), 'tensors_used': len(converted.used),
+            'tensors_skipped': converted.skipped}
+        print(f"{flag}: {len(converted.used)} tensors -> {source.PART}, {len(converted.skipped)} skipped by "
+              f"name ({time.time() - t0:.1f} s)", file=sys.stderr)
+    out = save_pretrained(args.out, params, meta)
+    print(f"wrote {out}", file=sys.stderr)
+    if args.verify:
+        for flag in SOURCES:
+            if getattr(args, flag):
+                source, section = SOURCES[flag]
+                diffs[flag] = source.verify(getattr(args, flag), params[source.PART], section(config))
+                worst = max(diffs[flag].values())
+                status = 'ok' if worst <= args.tolerance else 'FAIL'
+                detail = ', '.join(f'{k} {v:.2e}' for k, v in diffs[flag].items())
+                print(f"verify {flag}: max abs diff {detail} (tolerance {args.tolerance:g}): {status}")
+    return diffs
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        diffs = run(args)
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if any(max(d.values()) > args.tolerance for d in diffs.values()):
+        print(f"error: verification failed: a max abs difference exceeds {args.tolerance:g}.",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
