@@ -203,6 +203,7 @@ def get_config(arg=None):
     tr.eps = 1e-8
     tr.clip = 0.1
     tr.log_every = 50
+    tr.nan_check = True        # stop on a non-finite loss (checked one step behind, no sync stall)
 
     ck = c.checkpoint = ml_collections.ConfigDict()
     ck.every = 1000
@@ -211,6 +212,8 @@ def get_config(arg=None):
     ms = c.mesh = ml_collections.ConfigDict()
     ms.data = 1                # hosts (multi-host data parallelism)
     ms.fsdp = -1               # -1: all remaining devices
+    ms.fsdp_min_bytes = 4 * 2**20  # tensors smaller than this stay replicated
+    ms.rules = ()              # ordered (regex over 'a/b/c' parameter paths, 'replicate' | 'fsdp') overrides
 
     ini = c.init = ml_collections.ConfigDict()
     ini.pretrained = ''        # Orbax checkpoint of CLIP/MAE/GPT-2 from convert_weights

@@ -1,0 +1,1 @@
+"""Orchestration of training: optimizer and schedules, train state and step, checkpoints, metrics."""
