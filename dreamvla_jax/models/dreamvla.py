@@ -276,9 +276,12 @@ class DreamVLA(nnx.Module):
         cond = out['action'][:, -1:] if newest_only else out['action']
         return self.sample_from_condition(cond, rng, sample_steps=sample_steps, guidance=guidance)
 
-    def sample_from_condition(self, cond: jax.Array, rng: jax.Array, *, sample_steps: int | None = None,
-                              guidance: float | None = None) -> jax.Array:
-        """DDIM with CFG from action-query outputs ``[B, Q, chunk, hidden]`` -> ``[B, Q, chunk, 7]``."""
+    def sample_from_condition(self, cond: jax.Array, rng: jax.Array | None, *, sample_steps: int | None = None,
+                              guidance: float | None = None, noise: jax.Array | None = None) -> jax.Array:
+        """DDIM with CFG from action-query outputs ``[B, Q, chunk, hidden]`` -> ``[B, Q, chunk, 7]``.
+
+        ``noise`` (``x_T``, broadcastable to ``[B*Q, chunk, 7]``) replaces the draw from ``rng``.
+        """
         b, q, chunk, d = cond.shape
         cond = cond.reshape(b * q, chunk, d)
         scale = self.cfg.dit.guidance_scale if guidance is None else guidance
@@ -289,7 +292,9 @@ class DreamVLA(nnx.Module):
             eps = self.action_head(jnp.concatenate([x, x]).astype(self.dtype), jnp.concatenate([t, t]), both)
             return jnp.split(eps.astype(jnp.float32), 2)
 
-        x_T = jax.random.normal(rng, (b * q, chunk, self.cfg.action.dim), jnp.float32)
+        shape = (b * q, chunk, self.cfg.action.dim)
+        x_T = (jax.random.normal(rng, shape, jnp.float32) if noise is None
+               else jnp.broadcast_to(noise.astype(jnp.float32), shape))
         x = diffusion.ddim_sample(diffusion.guided(eps_cu, scale), x_T, self.diffusion_cfg, sample_steps)
         return x.reshape(b, q, chunk, -1)
 

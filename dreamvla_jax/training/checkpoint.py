@@ -79,3 +79,68 @@ def load_model_weights(path: str | os.PathLike, step: int | None = None):
         state=ocp.args.StandardRestore(), frozen=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
     manager.close()
     return out['state']['params'], out['frozen'], out['config']
+
+
+def _fill(pure: dict, loaded: dict, where: str) -> list[str]:
+    """Copies ``loaded`` leaves into ``pure`` (same nested keys), checking shapes; returns the
+    top-level modules ``loaded`` lacks."""
+    import numpy as np
+
+    missing = []
+    for name, sub in pure.items():
+        if name not in loaded:
+            missing.append(name)
+            continue
+        src, dst = loaded[name], sub
+        if isinstance(dst, dict):
+            if not isinstance(src, dict):
+                raise ValueError(f"{where}: '{name}' is a tensor in the checkpoint but a module in the model")
+            inner = _fill(dst, src, where)
+            if inner:
+                raise ValueError(f"{where}: '{name}' lacks {inner[:5]} (was it written for another config?)")
+        else:
+            value = np.asarray(src)
+            if tuple(value.shape) != tuple(dst.shape):
+                raise ValueError(f"{where}: '{name}' has shape {list(value.shape)}, the model expects "
+                                 f"{list(dst.shape)} (was it written for another config?)")
+            pure[name] = value.astype(dst.dtype)
+    return missing
+
+
+def load_model_state(config, path: str | os.PathLike, step: int | None = None):
+    """A ``DreamVLA`` holding the weights of a training checkpoint (``<workdir>`` or
+    ``<workdir>/checkpoints``) or of a ``convert_weights --dreamvla/--seer`` output.
+
+    Frozen encoders missing from a converted checkpoint (converted without ``--clip``/``--mae``) keep
+    their random init, with a warning: give those folders for meaningful features.
+    """
+    from flax import nnx
+
+    from dreamvla_jax.models import dreamvla
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--checkpoint: nothing at {path}")
+    if (path / 'params').is_dir() and (path / 'metadata').is_dir():
+        from dreamvla_jax.convert.official import load_converted
+
+        loaded, _ = load_converted(path)
+    else:
+        params, frozen, _ = load_model_weights(path, step)
+        loaded = {**params, **frozen}
+    abstract = dreamvla.abstract_model(config)
+    graphdef, state = nnx.split(abstract)
+    pure = nnx.state(abstract, nnx.Param).to_pure_dict()
+    missing = _fill(pure, loaded, str(path))
+    if missing:
+        frozen_names = set(config.model.freeze)
+        if set(missing) - frozen_names:
+            raise ValueError(f"{path}: the checkpoint lacks {sorted(set(missing) - frozen_names)} "
+                             "(was it written for another config?)")
+        print(f"warning: {path} holds no {missing}; they keep their random init "
+              "(convert with --clip/--mae to fill them).", flush=True)
+        init_pure = nnx.state(dreamvla.init_model(config), nnx.Param).to_pure_dict()
+        for name in missing:
+            pure[name] = init_pure[name]
+    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, pure))
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,250 @@
+"""The DreamVLA policy: observation history, preprocessing, jitted sampling, action execution.
+
+Batched over N environments stepped in lockstep: ``policy.step(observations, instructions)`` takes one
+CALVIN-style observation per environment and returns ``[N, 7]`` environment actions.
+
+History (official, SPEC section 8): cleared by ``reset`` at every subtask start; each step appends the
+newest frame; while fewer than S frames exist the window is padded by repeating the newest frame and
+the action is read at the newest real frame's index; afterwards the window holds the last S frames.
+
+Two exact paths (``fast``):
+  * full recomputation (official): both encoders on all 2*S window images, all ``93*S`` tokens, the
+    DiT sampler for every timestep; only the newest timestep's chunk is used.
+  * fast (default): each frame is encoded once when it arrives (MAE, resampler, projectors and the
+    state encoder are per frame and position-free) and cached; the instruction embedding is cached per
+    string; the query tokens of past timesteps are dropped (nobody attends to them), so the backbone
+    runs on ``36*S + 57`` tokens; the DiT runs for the newest timestep only. Keys/values of earlier
+    positions are NOT reused: once the window slides, every frame's timestep embedding (its position
+    in the window) changes, so every context token must be recomputed anyway; while the window fills,
+    the padded positions are masked out instead.
+Both give the same actions for the same noise (tests/test_policy.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dreamvla_jax import masks
+from dreamvla_jax.data import preprocess
+from dreamvla_jax.models import dreamvla
+
+EXECUTE_MODES = ('first', 'chunk', 'ensemble')
+
+
+def observation_batch(observations: list[dict], cameras=('static', 'gripper')) -> dict[str, np.ndarray]:
+    """CALVIN obs dicts -> the pipeline's raw keys with a time axis of 1: ``rgb_<cam>`` uint8
+    ``[N, 1, H, W, 3]`` and ``robot_obs`` ``[N, 1, 15]``."""
+    out = {f'rgb_{c}': np.stack([o['rgb_obs'][f'rgb_{c}'] for o in observations])[:, None] for c in cameras}
+    out['robot_obs'] = np.stack([np.asarray(o['robot_obs'], np.float32) for o in observations])[:, None]
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _fast_masks(cfg, steps: int) -> np.ndarray:
+    """``[S, T, T]``: the fast-layout mask when the queries sit at timestep q (index q)."""
+    groups = masks.timestep_groups(cfg)
+    roles, times = masks.layout(groups, steps, queries_at=(steps - 1,))
+    out = []
+    for q in range(steps):
+        t = np.where(roles == masks.CONTEXT, times, q)
+        out.append(masks.attention_mask(roles, t))
+    return np.stack(out)
+
+
+def fast_action_condition(model: dreamvla.DreamVLA, frames: jax.Array, text: jax.Array,
+                          query_step: jax.Array) -> dict[str, jax.Array]:
+    """Backbone on cached per-frame tokens with the queries of ONE timestep per example.
+
+    Args:
+      frames: ``[B, S, n_context - 1, hidden]`` cached state/latent/CLS tokens (no text, no timestep
+        embedding); positions after ``query_step`` are padding (never attended by the queries).
+      text: ``[B, hidden]`` projected instruction embedding.
+      query_step: int ``[B]``: the timestep whose queries are evaluated (newest real frame).
+    Returns:
+      ``{'dream_<name>': [B, 1, n, hidden], 'action': [B, 1, chunk, hidden]}``.
+    """
+    cfg = model.cfg
+    b, s, _, d = frames.shape
+    ctx = jnp.concatenate([jnp.broadcast_to(text[:, None, None], (b, s, 1, d)), frames], axis=2)
+    temb = model.timestep_embedding[...][:s].astype(model.dtype)
+    ctx = (ctx + temb[None, :, None]).reshape(b, -1, d)
+    q = model.query_tokens().astype(model.dtype)[None] + temb[query_step][:, None]
+    seq = model.embedding_ln(jnp.concatenate([ctx, q], axis=1))
+    mask = jnp.asarray(_fast_masks(cfg, s))[query_step][:, None]  # [B, 1, T, T]
+    h = model.backbone(seq, mask)[:, ctx.shape[1]:][:, None]
+    out, start = {}, 0
+    for name in masks.enabled_dreams(cfg):
+        n = getattr(model.queries, name)[...].shape[0]
+        out[f'dream_{name}'] = h[:, :, start:start + n]
+        start += n
+    out['action'] = h[:, :, start:]
+    return out
+
+
+class Policy:
+    """Batched DreamVLA policy for ``num_envs`` environments (see the module docstring)."""
+
+    def __init__(self, config, model: dreamvla.DreamVLA, *, num_envs: int = 1, seed: int = 0,
+                 execute: str = 'first', fast: bool = True, tokenizer=None, sample_steps: int | None = None):
+        if execute not in EXECUTE_MODES:
+            raise ValueError(f"execute mode {execute!r} is not one of {EXECUTE_MODES}")
+        self.config, self.num_envs, self.execute, self.fast = config, num_envs, execute, fast
+        self.cfg = config.model
+        self.steps = self.cfg.history
+        self.chunk = self.cfg.action.chunk
+        self.graphdef, self.state = nnx.split(model)
+        self.sample_steps = sample_steps
+        self.rng = jax.random.key(seed)
+        self.calls = 0
+        if tokenizer is None:
+            from dreamvla_jax.data.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(config.data.get('tokenizer', None) or None)
+        self.tokenizer = tokenizer
+        self._text_cache: dict[str, jax.Array] = {}
+        self._jit_text = jax.jit(self._text_fn)
+        self._jit_encode = jax.jit(self._encode_fn)
+        self._jit_fast = jax.jit(self._fast_fn)
+        self._jit_full = jax.jit(self._full_fn)
+        self.reset()
+
+    @classmethod
+    def from_checkpoint(cls, config, path, *, step: int | None = None, **kwargs) -> 'Policy':
+        """Loads a training checkpoint (``<workdir>`` or ``<workdir>/checkpoints``) or a converted
+        official checkpoint (``convert_weights --dreamvla``)."""
+        from dreamvla_jax.training.checkpoint import load_model_state
+
+        return cls(config, load_model_state(config, path, step=step), **kwargs)
+
+    # ------------------------------------------------------------------ history
+    def reset(self, env_index: int | None = None) -> None:
+        """Clears the history of one environment (or all): call at every subtask start."""
+        envs = range(self.num_envs) if env_index is None else [env_index]
+        if env_index is None:
+            self.count = np.zeros(self.num_envs, np.int64)
+            self.frames = None          # fast: [N, S, n_context - 1, hidden] cached tokens (device)
+            self.raw = None             # full: dict of [N, S, ...] preprocessed frames (device)
+            self.plan = [[] for _ in range(self.num_envs)]       # chunk mode: queued actions
+            self.ensemble = [[] for _ in range(self.num_envs)]   # ensemble mode: (age, chunk) pairs
+        for i in envs:
+            self.count[i] = 0
+            self.plan[i] = []
+            self.ensemble[i] = []
+
+    def _push(self, store, new):
+        """Appends ``new`` ``[N, ...]`` to a ``[N, S, ...]`` window per env (slides when full)."""
+        if store is None:
+            store = jnp.repeat(new[:, None], self.steps, axis=1)
+        full = self.count >= self.steps
+        idx = np.minimum(self.count, self.steps - 1)
+        rolled = jnp.where(full.reshape((-1,) + (1,) * (store.ndim - 1)), jnp.roll(store, -1, axis=1), store)
+        return rolled.at[jnp.arange(self.num_envs), idx].set(new)
+
+    # ------------------------------------------------------------------ jitted pieces
+    def _model(self, state):
+        return nnx.merge(self.graphdef, state)
+
+    def _text_fn(self, state, tokens):
+        model = self._model(state)
+        return model.encode_text({'text_tokens': tokens})
+
+    def _encode_fn(self, state, raw):
+        """One new frame per env -> cached tokens ``[N, n_context - 1, hidden]`` and preprocessed frame."""
+        model = self._model(state)
+        x = preprocess.preprocess(raw, self.config)  # the training preprocessing, no augmentation
+        frames = model.encode_frames({c: x[f'rgb_{c}'] for c in self.cfg.cameras})
+        st = model.state_encoder(x['robot_obs'].astype(model.dtype))
+        parts = [st[:, :, None]] + [frames[f'latents_{c}'] for c in self.cfg.cameras]
+        parts += [frames[f'cls_{c}'][:, :, None] for c in self.cfg.cameras]
+        return jnp.concatenate(parts, axis=2)[:, 0], x
+
+    def _fast_fn(self, state, frames, text, query_step, rng):
+        model = self._model(state)
+        cond = fast_action_condition(model, frames, text, query_step)
+        return model.sample_from_condition(cond['action'], None, sample_steps=self.sample_steps,
+                                           noise=self._noise(rng))[:, 0]
+
+    def _full_fn(self, state, window, text, query_step, rng):
+        model = self._model(state)
+        s = self.steps
+        frames = model.encode_frames({c: window[f'rgb_{c}'] for c in self.cfg.cameras})
+        st = model.state_encoder(window['robot_obs'].astype(model.dtype))
+        ctx = model.context_tokens(text, st, frames)
+        out = model.backbone_forward(ctx)
+        cond = jnp.take_along_axis(out['action'], query_step[:, None, None, None], axis=1)
+        del s
+        return model.sample_from_condition(cond, None, sample_steps=self.sample_steps, noise=self._noise(rng))[:, 0]
+
+    def _noise(self, rng):
+        # One x_T per call shared by all environments: env i of a batched call then acts exactly as a
+        # single-env policy with the same seed would (the environments stay independent).
+        return jax.random.normal(rng, (1, self.chunk, self.cfg.action.dim), jnp.float32)
+
+    # ------------------------------------------------------------------ acting
+    def text_embeddings(self, instructions: list[str]) -> jax.Array:
+        new = [s for s in dict.fromkeys(instructions) if s not in self._text_cache]
+        if new:
+            emb = self._jit_text(self.state, jnp.asarray(self.tokenizer(new)))
+            self._text_cache.update({s: emb[i] for i, s in enumerate(new)})
+        return jnp.stack([self._text_cache[s] for s in instructions])
+
+    def observe(self, observations: list[dict]) -> None:
+        """Encodes and appends the newest frame of every environment."""
+        if len(observations) != self.num_envs:
+            raise ValueError(f"the policy was built for {self.num_envs} environments, got {len(observations)} "
+                             "observations")
+        tokens, x = self._jit_encode(self.state, observation_batch(observations, self.cfg.cameras))
+        if self.fast:
+            self.frames = self._push(self.frames, tokens)
+        else:
+            keys = [f'rgb_{c}' for c in self.cfg.cameras] + ['robot_obs']
+            self.raw = {k: self._push(None if self.raw is None else self.raw[k], x[k][:, 0]) for k in keys}
+        self.count += 1
+
+    def chunks(self, instructions: list[str]) -> np.ndarray:
+        """Raw chunks ``[N, chunk, 7]`` (gripper in [0, 1]) for the current windows."""
+        text = self.text_embeddings(instructions)
+        query = jnp.asarray(np.minimum(self.count, self.steps) - 1, jnp.int32)
+        rng = jax.random.fold_in(self.rng, self.calls)
+        self.calls += 1
+        if self.fast:
+            return np.asarray(self._jit_fast(self.state, self.frames, text, query, rng))
+        return np.asarray(self._jit_full(self.state, self.raw, text, query, rng))
+
+    def step(self, observations: list[dict], instructions: list[str]) -> np.ndarray:
+        """Appends the observations and returns ``[N, 7]`` environment actions (gripper +-1)."""
+        self.observe(observations)
+        if self.execute == 'chunk' and all(self.plan):
+            return self._pop_plan()
+        raw = self.chunks(instructions)
+        if self.execute == 'first':
+            act = raw[:, 0]
+        elif self.execute == 'chunk':
+            for i in range(self.num_envs):
+                if not self.plan[i]:
+                    self.plan[i] = list(raw[i])
+            return self._pop_plan()
+        else:
+            act = self._ensemble(raw)
+        return np.asarray(dreamvla.to_env_actions(act, self.cfg.action.arm_dim))
+
+    def _pop_plan(self) -> np.ndarray:
+        act = np.stack([self.plan[i].pop(0) for i in range(self.num_envs)])
+        return np.asarray(dreamvla.to_env_actions(act, self.cfg.action.arm_dim))
+
+    def _ensemble(self, raw: np.ndarray, k: float = 0.01) -> np.ndarray:
+        """Temporal ensembling (ACT): average every stored chunk's prediction for the current step,
+        weight ``exp(-k * i)`` with i = 0 for the oldest prediction."""
+        out = []
+        for i in range(self.num_envs):
+            self.ensemble[i] = [(age + 1, c) for age, c in self.ensemble[i] if age + 1 < self.chunk]
+            self.ensemble[i].append((0, raw[i]))
+            preds = np.stack([c[age] for age, c in self.ensemble[i]])  # oldest first
+            w = np.exp(-k * np.arange(len(preds)))
+            out.append((w[:, None] * preds).sum(0) / w.sum())
+        return np.stack(out)

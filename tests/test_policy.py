@@ -1,0 +1,143 @@
+"""Policy: history handling, exact fast inference, batching, execution modes, shared preprocessing."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import load_config
+
+from dreamvla_jax import policy as policy_lib
+from dreamvla_jax.data import preprocess
+from dreamvla_jax.models import dreamvla
+
+
+class FakeTokenizer:
+    def __call__(self, texts):
+        out = np.zeros((len(texts), 77), np.int32)
+        for i, t in enumerate(texts):
+            ids = [49406] + [1 + (ord(c) % 400) for c in t[:20]] + [49407]
+            out[i, :len(ids)] = ids
+        return out
+
+
+def obs(seed):
+    rs = np.random.RandomState(seed)
+    return {'rgb_obs': {'rgb_static': rs.randint(0, 256, (200, 200, 3), dtype=np.uint8),
+                        'rgb_gripper': rs.randint(0, 256, (84, 84, 3), dtype=np.uint8)},
+            'depth_obs': {'depth_static': rs.rand(200, 200).astype(np.float32),
+                          'depth_gripper': rs.rand(84, 84).astype(np.float32)},
+            'robot_obs': np.concatenate([rs.uniform(-1, 1, 14), [rs.choice([-1.0, 1.0])]]).astype(np.float32),
+            'scene_obs': np.zeros(24, np.float32)}
+
+
+@pytest.fixture(scope='module')
+def setup():
+    cfg = load_config('debug')
+    cfg.model.history = 3
+    model = dreamvla.init_model(cfg)
+    return cfg, model
+
+
+def make(setup, **kw):
+    cfg, model = setup
+    return policy_lib.Policy(cfg, model, tokenizer=FakeTokenizer(), **kw)
+
+
+def test_fast_path_equals_full_recomputation_while_filling_and_sliding(setup):
+    fast = make(setup, num_envs=2, fast=True, seed=3)
+    full = make(setup, num_envs=2, fast=False, seed=3)
+    instr = ['lift the red block', 'press the button']
+    diffs = []
+    for t in range(6):  # history 3: fills (t < 3), then slides; env 1 is reset at t = 2
+        if t == 2:
+            fast.reset(1)
+            full.reset(1)
+        o = [obs(10 * t), obs(10 * t + 1)]
+        fast.observe(o)
+        full.observe(o)
+        a, b = fast.chunks(instr), full.chunks(instr)
+        assert a.shape == (2, 3, 7)
+        # Same noise, same math, different reduction order: equal to float32 rounding (the random
+        # debug DiT outputs actions of magnitude ~10, so compare relative to the values).
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_condition_equals_full_backbone(setup):
+    """The action-query outputs of the fast layout equal the training layout's at the query step."""
+    cfg, model = setup
+    rs = np.random.RandomState(0)
+    s, d = cfg.model.history, cfg.model.hidden
+    ctx = rs.randn(2, s, 4 + 2 * cfg.model.resampler.latents, d).astype(np.float32)
+    ctx[:, :, 0] = ctx[:, :1, 0]  # one instruction token for every timestep
+    ctx = jax.numpy.asarray(ctx)
+    full = model.backbone_forward(ctx)
+    for q in range(s):
+        fast = policy_lib.fast_action_condition(model, ctx[:, :, 1:], ctx[:, 0, 0], jax.numpy.full((2,), q))
+        for key in full:
+            diff = np.abs(np.asarray(fast[key][:, 0]) - np.asarray(full[key][:, q])).max()
+            assert diff <= 1e-5, (key, q, diff)
+
+
+def test_history_buffer_shifts(setup):
+    p = make(setup, num_envs=1)
+    tokens = [np.asarray(p._jit_encode(p.state, policy_lib.observation_batch([obs(i)]))[0][0]) for i in range(5)]
+    for i in range(5):
+        p.observe([obs(i)])
+        assert p.count[0] == i + 1
+        frames = np.asarray(p.frames[0])
+        if i < 3:  # filling: newest at index i
+            np.testing.assert_allclose(frames[i], tokens[i], atol=1e-6)
+            np.testing.assert_allclose(frames[0], tokens[0], atol=1e-6)
+        else:      # sliding: the last 3 frames in order
+            for j in range(3):
+                np.testing.assert_allclose(frames[j], tokens[i - 2 + j], atol=1e-6)
+    p.reset()
+    assert p.count[0] == 0
+
+
+def test_batch_of_n_equals_n_single_calls(setup):
+    batched = make(setup, num_envs=3, seed=5)
+    singles = [make(setup, num_envs=1, seed=5) for _ in range(3)]
+    instr = ['a', 'bb', 'ccc']
+    for t in range(4):
+        o = [obs(100 + 3 * t + i) for i in range(3)]
+        a = batched.step(o, instr)
+        for i in range(3):
+            np.testing.assert_allclose(singles[i].step([o[i]], [instr[i]])[0], a[i], atol=1e-5)
+
+
+def test_first_and_chunk_modes(setup):
+    first = make(setup, num_envs=1, seed=1, execute='first')
+    chunk = make(setup, num_envs=1, seed=1, execute='chunk')
+    probe = make(setup, num_envs=1, seed=1)
+    o = obs(7)
+    probe.observe([o])
+    raw = probe.chunks(['x'])[0]
+    expected = np.asarray(dreamvla.to_env_actions(raw))
+    np.testing.assert_allclose(first.step([o], ['x'])[0], expected[0], atol=1e-5)
+    got = [chunk.step([obs(7 if t == 0 else 50 + t)], ['x'])[0] for t in range(3)]
+    np.testing.assert_allclose(np.stack(got), expected, atol=1e-5)   # the whole first chunk, open loop
+    assert chunk.calls == 1 and first.calls == 1
+    chunk.step([obs(60)], ['x'])
+    assert chunk.calls == 2                                           # re-plans after the chunk
+    assert set(np.unique(expected[:, 6])) <= {-1.0, 1.0}
+
+
+def test_ensemble_mode_averages_overlapping_chunks(setup):
+    p = make(setup, num_envs=1, execute='ensemble')
+    p.ensemble[0] = [(1, np.full((3, 7), 1.0))]
+    out = p._ensemble(np.full((1, 3, 7), 3.0))
+    w = np.exp(-0.01 * np.arange(2))
+    np.testing.assert_allclose(out[0], (w[0] * 1.0 + w[1] * 3.0) / w.sum())
+
+
+def test_policy_uses_the_training_preprocessing():
+    from dreamvla_jax.training import state as train_state
+
+    assert policy_lib.preprocess.preprocess is preprocess.preprocess
+    assert train_state.preprocess.preprocess is preprocess.preprocess
+
+
+def test_deterministic_given_seed(setup):
+    a = make(setup, num_envs=1, seed=9).step([obs(1)], ['x'])
+    b = make(setup, num_envs=1, seed=9).step([obs(1)], ['x'])
+    np.testing.assert_array_equal(a, b)
