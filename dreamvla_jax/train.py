@@ -40,7 +40,11 @@ def main(argv):
     del argv
     if not _WORKDIR.value:
         raise cli.UsageError("--workdir is required (the run directory; rerun the same command to resume).")
+    from absl import logging
+
     from dreamvla_jax import distributed
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
 
     distributed.initialize()
     config = _CONFIG.value

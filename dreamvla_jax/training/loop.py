@@ -179,11 +179,11 @@ def train(config, workdir: str | Path, *, iterator=None, steps_per_epoch: int | 
                 _check_finite(step, metrics, checkpointer)
                 pending = None
             if log_now:
-                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                host = {'step': step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
                 dt = (time.perf_counter() - t_log) / steps_since_log
                 host.update(step_time=dt, windows_per_s=global_batch / dt,
                             mfu=metrics_lib.mfu(flops, dt, jax.devices()))
-                logger.log(step, host)
+                logger.log(step, {k: v for k, v in host.items() if k != 'step'})
                 bar.set_postfix(loss=f"{host['loss']:.4f}", lr=f"{host['lr']:.2e}")
                 last = host
                 t_log, steps_since_log = time.perf_counter(), 0
