@@ -64,14 +64,16 @@ class Rule:
     target: str | None          # dotted path in our pure param dict; None: the sources are only checked
     sources: tuple[str, ...]    # source tensor names after the prefix; '{i}' marks a per-layer tensor
     fn: Callable[..., Any] = identity
+    layers: int | None = None   # per-layer count when it differs from the table's (whole-model tables)
 
     @property
     def per_layer(self) -> bool:
         return any('{i}' in s for s in self.sources)
 
 
-def rule(target: str | None, sources: str | Iterable[str], fn: Callable[..., Any] = identity) -> Rule:
-    return Rule(target, (sources,) if isinstance(sources, str) else tuple(sources), fn)
+def rule(target: str | None, sources: str | Iterable[str], fn: Callable[..., Any] = identity, *,
+         layers: int | None = None) -> Rule:
+    return Rule(target, (sources,) if isinstance(sources, str) else tuple(sources), fn, layers)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -134,22 +136,38 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         return {k: v.float().numpy() for k, v in load_torch(str(path)).items()}
 
 
-def _read_torch(path: Path) -> dict[str, np.ndarray]:
+def _read_torch(path: Path, weights_only: bool = True) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError:
         raise ConvertError(f"{path} is a PyTorch pickle; reading it needs torch (safetensors files do "
                            "not).") from None
     try:
-        sd = torch.load(str(path), map_location='cpu', weights_only=True)
+        # mmap: a training checkpoint also holds optimizer state we never read into memory.
+        sd = torch.load(str(path), map_location='cpu', weights_only=weights_only, mmap=True)
+    except RuntimeError as e:
+        if 'mmap' not in str(e):
+            raise ConvertError(f"{path} could not be read by torch.load ({type(e).__name__}: {e}).") from None
+        sd = _read_torch_no_mmap(torch, path, weights_only)  # legacy (pre-zip) torch.save format
     except Exception as e:  # torch raises a zoo of types for truncated or foreign files
         raise ConvertError(f"{path} could not be read by torch.load ({type(e).__name__}: {e}).") from None
-    if isinstance(sd, dict) and 'model' in sd and isinstance(sd['model'], dict):
-        sd = sd['model']  # original MAE / timm training checkpoints wrap the state dict
+    # Original MAE / timm checkpoints wrap the state dict in 'model'; Seer / DreamVLA training
+    # checkpoints in 'model_state_dict' (next to the optimizer state).
+    for key in ('model', 'model_state_dict', 'state_dict'):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+            break
     if not isinstance(sd, dict):
         raise ConvertError(f"{path} does not hold a state dict (found {type(sd).__name__}).")
     return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in sd.items()
             if isinstance(v, torch.Tensor)}
+
+
+def _read_torch_no_mmap(torch, path: Path, weights_only: bool):
+    try:
+        return torch.load(str(path), map_location='cpu', weights_only=weights_only)
+    except Exception as e:
+        raise ConvertError(f"{path} could not be read by torch.load ({type(e).__name__}: {e}).") from None
 
 
 def _read_weights(path: Path) -> dict[str, np.ndarray]:
@@ -289,7 +307,7 @@ def apply_rules(src: SourceFolder, part: str, rules: list[Rule], skip: list[tupl
         if r.target is not None and expected is None:
             raise AssertionError(f"mapping table for {part} names {r.target}, which the module does not have")
         per_layer = []
-        for i in range(num_layers) if r.per_layer else [None]:
+        for i in range(num_layers if r.layers is None else r.layers) if r.per_layer else [None]:
             srcs = [s.format(i=i) for s in r.sources]
             arrays = [take(s, r.target) for s in srcs]
             if any(a is None for a in arrays):

@@ -52,6 +52,9 @@ def load_metadata(path: str | Path) -> dict[str, Any]:
 
     path = _existing(path)
     meta = _checkpointer().restore(path, ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
+    if 'kind' in meta:  # written by convert_weights --dreamvla/--seer (convert.official)
+        raise ConvertError(f"{path} is a converted official {meta['kind']} checkpoint: load it with "
+                           "--config.init.official (or eval --checkpoint), not --config.init.pretrained.")
     if meta.get('format_version') != FORMAT_VERSION:
         raise ConvertError(f"{path} has pretrained format version {meta.get('format_version')!r}; this code "
                            f"reads version {FORMAT_VERSION}: re-run convert_weights.")
