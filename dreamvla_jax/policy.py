@@ -111,6 +111,7 @@ class Policy:
         self._jit_encode = jax.jit(self._encode_fn)
         self._jit_fast = jax.jit(self._fast_fn)
         self._jit_full = jax.jit(self._full_fn)
+        self._jit_dream = jax.jit(self._dream_fn)
         self.reset()
 
     @classmethod
@@ -180,6 +181,12 @@ class Policy:
         del s
         return model.sample_from_condition(cond, None, sample_steps=self.sample_steps, noise=self._noise(rng))[:, 0]
 
+    def _dream_fn(self, state, frames, text, query_step):
+        model = self._model(state)
+        cond = fast_action_condition(model, frames, text, query_step)
+        return {name: getattr(model, f'decoder_{name}')(cond[f'dream_{name}'][:, 0])
+                for name in masks.enabled_dreams(self.cfg)}
+
     def _noise(self, rng):
         # One x_T per call shared by all environments: env i of a batched call then acts exactly as a
         # single-env policy with the same seed would (the environments stay independent).
@@ -233,6 +240,19 @@ class Policy:
             act = self._ensemble(raw)
         return np.asarray(dreamvla.to_env_actions(act, self.cfg.action.arm_dim))
 
+    def dream(self, observations: list[dict] | None = None, instructions: list[str] | None = None) -> dict:
+        """What the model dreams at the newest step: ``{name: [N, cameras, n_mask, out]}`` decoder
+        outputs (RGB patches are per-patch normalised, depth in metres, SAM/DINOv2 features).
+
+        Call after ``step`` with the same observations: they are NOT appended again.
+        """
+        del observations
+        if not self.fast:
+            raise ValueError('dream() needs the fast path (fast=True)')
+        text = self.text_embeddings(instructions)
+        query = jnp.asarray(np.minimum(self.count, self.steps) - 1, jnp.int32)
+        return {k: np.asarray(v) for k, v in self._jit_dream(self.state, self.frames, text, query).items()}
+
     def _pop_plan(self) -> np.ndarray:
         act = np.stack([self.plan[i].pop(0) for i in range(self.num_envs)])
         return np.asarray(dreamvla.to_env_actions(act, self.cfg.action.arm_dim))
@@ -248,3 +268,34 @@ class Policy:
             w = np.exp(-k * np.arange(len(preds)))
             out.append((w[:, None] * preds).sum(0) / w.sum())
         return np.stack(out)
+
+
+def make_offline_predict(config, checkpoint, *, seed: int = 0):
+    """``predict(batch)`` for ``evaluation.offline``: ``batch`` is a preprocessed pipeline batch (no
+    augmentation). Returns ``{'actions': [B, S, chunk, 7] raw, 'dream_<name>': [B*S, cams, n_mask, out]}``.
+    """
+    from dreamvla_jax.training.checkpoint import load_model_state
+
+    model = load_model_state(config, checkpoint)
+    graphdef, state = nnx.split(model)
+    s = config.model.history
+
+    @jax.jit
+    def run(state, batch, rng):
+        m = nnx.merge(graphdef, state)
+        out = m.backbone_forward(m.encode(batch))
+        b = out['action'].shape[0]
+        pred = {'actions': m.sample_from_condition(out['action'], rng)}
+        for name in masks.enabled_dreams(m.cfg):
+            pred[f'dream_{name}'] = getattr(m, f'decoder_{name}')(
+                out[f'dream_{name}'].reshape(b * s, -1, m.cfg.hidden))
+        return pred
+
+    calls = iter(range(1 << 62))
+
+    def predict(batch: dict) -> dict:
+        keys = ('rgb_static', 'rgb_gripper', 'robot_obs', 'text_tokens')
+        rng = jax.random.fold_in(jax.random.key(seed), next(calls))
+        return {k: np.asarray(v) for k, v in run(state, {k: batch[k] for k in keys}, rng).items()}
+
+    return predict

@@ -141,3 +141,15 @@ def test_deterministic_given_seed(setup):
     a = make(setup, num_envs=1, seed=9).step([obs(1)], ['x'])
     b = make(setup, num_envs=1, seed=9).step([obs(1)], ['x'])
     np.testing.assert_array_equal(a, b)
+
+
+def test_dream_outputs_match_decoders_on_the_training_layout(setup):
+    cfg, model = setup
+    p = make(setup, num_envs=2)
+    o = [obs(1), obs(2)]
+    p.step(o, ['a', 'b'])
+    d = p.dream(o, ['a', 'b'])
+    assert set(d) == {'rgb', 'depth', 'sam'}
+    assert d['rgb'].shape == (2, 2, 16, 192) and d['sam'].shape == (2, 2, 256, 256)
+    assert (d['depth'] >= 0).all()  # ReLU head
+    assert p.count.tolist() == [1, 1]  # dream() does not append
