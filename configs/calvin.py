@@ -16,6 +16,9 @@ Presets (``--config configs/calvin.py[:preset]``):
               python -m dreamvla_jax.train --config configs/calvin.py:paper --workdir runs/paper \
                   --config.data.root=/data/task_ABC_D --config.data.features=/data/abc_features
 
+  mid       The default structure at a quarter of the width and depth (history 10, 224 px): for CPU
+            benchmarks of the performance levers (python -m dreamvla_jax.benchmark train --config ...:mid).
+
   debug     Same structure, tiny widths and depths, history 2: a train step runs on a CPU in seconds.
               python -m dreamvla_jax.train --config configs/calvin.py:debug --workdir runs/debug \
                   --config.data.root=runs/debug_data --config.data.features=runs/debug_data/features
@@ -23,7 +26,7 @@ Presets (``--config configs/calvin.py[:preset]``):
 Every dimension the model uses is a named field here; module code has no magic numbers.
 """
 
-import  ml_collections
+import ml_collections
 
 # CLIP image normalisation (both cameras, SPEC section 2).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -138,8 +141,8 @@ def model_config(preset='default'):
 def get_config(arg=None):
     """Returns the config for preset ``arg`` ('default' | 'paper' | 'debug')."""
     preset = arg or 'default'
-    if preset not in ('default', 'paper', 'debug'):
-        raise ValueError(f"configs/calvin.py: unknown preset {preset!r}; choose default, paper or debug.")
+    if preset not in ('default', 'paper', 'debug', 'mid'):
+        raise ValueError(f"configs/calvin.py: unknown preset {preset!r}; choose default, paper, mid or debug.")
     c = ml_collections.ConfigDict()
     c.preset = preset
     c.seed = 0
@@ -224,7 +227,21 @@ def get_config(arg=None):
 
     if preset == 'debug':
         _shrink_for_debug(c)
+    if preset == 'mid':
+        _shrink_for_mid(c)
     return c
+
+
+def _shrink_for_mid(c):
+    m = c.model
+    m.hidden = 256
+    m.text.update(width=256, layers=3, heads=4, mlp=1024, proj_dim=256)
+    m.vision.update(width=256, layers=3, heads=4, mlp=1024)
+    m.resampler.update(layers=1, heads=4, head_dim=64, mlp=1024)
+    m.backbone.update(layers=6, heads=4, mlp=1024)
+    m.decoder.update(width=256, layers=1, heads=4, mlp=1024)
+    m.dit.update(hidden=256, layers=3, heads=4, mlp=1024)
+    c.train.batch_size = 4
 
 
 def _shrink_for_debug(c):

@@ -1,10 +1,21 @@
 """Benchmarks: ``python -m dreamvla_jax.benchmark <subcommand> [--config FILE[:preset]] [--json]``.
 
 Subcommands (dispatch table ``COMMANDS``):
+  train  train-step time (median after warm-up), windows/s, FLOPs per step (XLA cost analysis), MFU and
+         memory, for each variant of ``--compare`` (levers: fp32, bf16, remat_full, remat_dots,
+         no_donate, cudnn) with ratios against the first; ``--abstract`` only compiles the step from
+         abstract inputs and prints the per-device memory estimate (full size on a CPU).
+  infer  policy latency per control step and per action chunk, full recomputation (official) vs the
+         exact fast path, at batch 1 and batch N, with the window already sliding.
+  env    built-in tabletop simulator steps per second with both cameras.
   data   input-pipeline throughput (windows/s) with 0, 1 and 2 Grain workers, and the bytes of one batch,
          for the config's shapes (default: the debug and default presets). Without ``--data`` it writes a
          small synthetic CALVIN-format dataset and a feature store (tiny random teachers) to a temp dir.
 
+  python -m dreamvla_jax.benchmark train --config configs/calvin.py:mid --compare fp32,bf16,remat_full
+  python -m dreamvla_jax.benchmark train --config configs/calvin.py --abstract
+  python -m dreamvla_jax.benchmark infer --config configs/calvin.py --json
+  python -m dreamvla_jax.benchmark env
   python -m dreamvla_jax.benchmark data
   python -m dreamvla_jax.benchmark data --config configs/calvin.py:default \
       --data /data/task_ABC_D --features /data/abc_features --json
@@ -20,12 +31,205 @@ import tempfile
 import time
 from pathlib import Path
 
-from dreamvla_jax.data.errors import DataError
+import numpy as np
+
+from dreamvla_jax.cli import friendly_errors, load_config
+
+# Config changes of each performance lever (``--compare``).
+VARIANTS = {
+    'fp32': {},
+    'bf16': {'model.dtype': 'bfloat16'},
+    'remat_full': {'model.backbone.remat': 'full', 'model.dit.remat': 'full'},
+    'remat_dots': {'model.backbone.remat': 'dots_saveable', 'model.dit.remat': 'dots_saveable'},
+    'no_donate': {},
+    'cudnn': {'model.attention_impl': 'cudnn'},
+}
+
+
+def apply_variant(config, name: str):
+    if name not in VARIANTS:
+        raise ValueError(f"--compare: unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    c = config.copy_and_resolve_references()
+    for key, value in VARIANTS[name].items():
+        node = c
+        *parents, leaf = key.split('.')
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return c
+
+
+def _median_time(fn, steps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def _memory(compiled) -> dict:
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - backend without memory analysis
+        return {}
+    if m is None:
+        return {}
+    fields = ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
+              'generated_code_size_in_bytes', 'alias_size_in_bytes')
+    out = {f: int(getattr(m, f, 0) or 0) for f in fields}
+    out['peak_estimate_bytes'] = (out['argument_size_in_bytes'] + out['output_size_in_bytes']
+                                  + out['temp_size_in_bytes'] - out['alias_size_in_bytes'])
+    return out
+
+
+def bench_train(args) -> dict:
+    """Train-step benchmark of each ``--compare`` variant (ratios against the first)."""
+    import jax
+
+    from dreamvla_jax import sharding as shd
+    from dreamvla_jax.data.fake_batch import fake_batch
+    from dreamvla_jax.training import metrics
+    from dreamvla_jax.training import state as state_lib
+
+    base = load_config(args.config)
+    results = {'config': args.config, 'device': jax.devices()[0].device_kind, 'devices': jax.device_count(),
+               'variants': {}}
+    for name in args.compare:
+        config = apply_variant(base, name)
+        if args.batch:
+            config.train.batch_size = args.batch
+        mesh = shd.make_mesh(config)
+        batch = fake_batch(config, config.train.batch_size)
+        trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=100, total_steps=1000,
+                                         donate=name != 'no_donate')
+        t0 = time.perf_counter()
+        with jax.set_mesh(mesh):
+            abs_state, abs_frozen = jax.eval_shape(lambda c=config, tx=trainer.tx: state_lib.init_state(c, tx))
+            if args.abstract:
+                from dreamvla_jax.training.checkpoint import abstract_with_shardings
+
+                state = abstract_with_shardings(abs_state, trainer.state_shardings)
+                frozen = abstract_with_shardings(abs_frozen, trainer.frozen_shardings)
+                gb = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.batch_sharding),
+                                  batch)
+            else:
+                state, frozen = state_lib.create_state(trainer)
+                gb = shd.global_batch(batch, trainer.batch_sharding)
+            compiled = trainer.step_fn.lower(state, frozen, gb).compile()
+            compile_s = time.perf_counter() - t0
+            row = {'compile_s': compile_s, 'flops_per_step': metrics.compiled_flops(compiled),
+                   'memory': _memory(compiled), 'batch': config.train.batch_size}
+            if not args.abstract:
+                holder = {'s': state}
+
+                def step():
+                    holder['s'], m = compiled(holder['s'], frozen, gb)
+                    jax.block_until_ready(m['loss'])
+
+                row['step_s'] = _median_time(step, args.steps)
+                row['windows_per_s'] = config.train.batch_size / row['step_s']
+                row['mfu'] = metrics.mfu(row['flops_per_step'], row['step_s'], jax.devices())
+                stats = jax.devices()[0].memory_stats() or {}
+                row['peak_device_bytes'] = stats.get('peak_bytes_in_use')
+        results['variants'][name] = row
+        gc.collect()
+    first = results['variants'][args.compare[0]]
+    for row in results['variants'].values():
+        if 'step_s' in row and 'step_s' in first:
+            row['speedup_vs_' + args.compare[0]] = first['step_s'] / row['step_s']
+    return results
+
+
+def _print_train(results: dict) -> None:
+    print(f"train step: {results['config']} on {results['devices']} x {results['device']}")
+    for name, r in results['variants'].items():
+        mem = r['memory'].get('peak_estimate_bytes')
+        line = f"  {name:11s} compile {r['compile_s']:6.1f} s"
+        if mem:
+            line += f"  memory/device {mem / 2**30:7.2f} GiB"
+        if r.get('flops_per_step'):
+            line += f"  {r['flops_per_step'] / 1e12:8.3f} TFLOP/step"
+        if 'step_s' in r:
+            line += f"  step {r['step_s'] * 1e3:9.1f} ms  {r['windows_per_s']:7.2f} windows/s"
+            speed = [v for k, v in r.items() if k.startswith('speedup_vs_')]
+            if speed:
+                line += f"  x{speed[0]:.2f}"
+            if r.get('mfu'):
+                line += f"  MFU {100 * r['mfu']:.1f}%"
+        print(line)
+
+
+def bench_infer(args) -> dict:
+    """Control-step latency of the policy, full recomputation vs the fast path."""
+    import jax
+
+    from dreamvla_jax.models import dreamvla
+    from dreamvla_jax.policy import Policy
+
+    config = load_config(args.config)
+    model = dreamvla.init_model(config)
+    s = config.model.history
+    results = {'config': args.config, 'device': jax.devices()[0].device_kind, 'history': s,
+               'sample_steps': config.diffusion.sample_steps, 'batches': {}}
+    rs = np.random.RandomState(0)
+
+    def observation(i):
+        return {'rgb_obs': {'rgb_static': rs.randint(0, 256, (200, 200, 3), dtype=np.uint8),
+                            'rgb_gripper': rs.randint(0, 256, (84, 84, 3), dtype=np.uint8)},
+                'robot_obs': np.concatenate([rs.uniform(-1, 1, 14), [1.0]]).astype(np.float32)}
+
+    for n in args.batch_sizes:
+        row = {}
+        for mode, fast in (('full', False), ('fast', True)):
+            policy = Policy(config, model, num_envs=n, fast=fast)
+            obs = [[observation(i) for i in range(n)] for _ in range(s + 2)]
+            instr = ['push the blue block to the left'] * n
+            for t in range(s):  # fill the window so it slides during the timed steps
+                policy.step(obs[t], instr)
+            it = iter(range(1 << 30))
+
+            def control_step():
+                policy.step(obs[s + next(it) % 2], instr)
+
+            def chunk_only():
+                policy.chunks(instr)
+
+            row[mode] = {'ms_per_control_step': 1e3 * _median_time(control_step, args.steps, warmup=1),
+                         'ms_per_chunk': 1e3 * _median_time(chunk_only, args.steps, warmup=1)}
+        row['speedup'] = row['full']['ms_per_control_step'] / row['fast']['ms_per_control_step']
+        results['batches'][str(n)] = row
+    one = results['batches'][str(args.batch_sizes[0])]
+    results['ms_per_control_step'] = {'full': one['full']['ms_per_control_step'],
+                                      'fast': one['fast']['ms_per_control_step']}
+    return results
+
+
+def _print_infer(results: dict) -> None:
+    print(f"policy latency: {results['config']} on {results['device']} (history {results['history']}, "
+          f"DDIM {results['sample_steps']} + CFG, window sliding)")
+    for n, row in results['batches'].items():
+        for mode in ('full', 'fast'):
+            r = row[mode]
+            print(f"  batch {n:>3s} {mode:4s}: {r['ms_per_control_step']:10.1f} ms/control step  "
+                  f"{r['ms_per_chunk']:10.1f} ms/chunk")
+        print(f"  batch {n:>3s} fast path x{row['speedup']:.2f} faster")
+
+
+def bench_env(args) -> dict:
+    from dreamvla_jax.envs.tabletop import benchmark_env
+
+    return benchmark_env(steps=args.steps)
+
+
+def _print_env(results: dict) -> None:
+    print('tabletop env: ' + ', '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}'
+                                       for k, v in results.items()))
 
 
 def _configs(spec: str | None):
-    from dreamvla_jax.config_file import load_config
-
     if spec:
         return [(spec, load_config(spec))]
     here = Path(__file__).resolve().parents[1] / 'configs' / 'calvin.py'
@@ -104,6 +308,9 @@ def _print_data(results: dict) -> None:
 
 
 COMMANDS = {
+    'train': (bench_train, _print_train),
+    'infer': (bench_infer, _print_infer),
+    'env': (bench_env, _print_env),
     'data': (bench_data, _print_data),
 }
 
@@ -112,6 +319,25 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog='python -m dreamvla_jax.benchmark', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='command', required=True)
+    csv = lambda s: [x for x in s.split(',') if x]
+    t = sub.add_parser('train', help='train-step speed, FLOPs, MFU and memory per lever')
+    t.add_argument('--config', default='configs/calvin.py:mid', help='configs/calvin.py[:preset]')
+    t.add_argument('--compare', type=csv, default=['fp32', 'bf16', 'remat_full', 'remat_dots', 'no_donate'],
+                   help=f"comma list of variants, the first is the baseline ({', '.join(VARIANTS)})")
+    t.add_argument('--abstract', action='store_true',
+                   help='compile from abstract inputs and print the memory estimate; run nothing')
+    t.add_argument('--batch', type=int, default=0, help='global batch (default: config.train.batch_size)')
+    t.add_argument('--steps', type=int, default=5, help='timed steps (median)')
+    t.add_argument('--json', action='store_true', help='print one JSON object instead of text')
+    i = sub.add_parser('infer', help='policy latency, full recomputation vs fast path')
+    i.add_argument('--config', default='configs/calvin.py', help='configs/calvin.py[:preset]')
+    i.add_argument('--batch-sizes', type=lambda s: [int(x) for x in csv(s)], default=[1, 8],
+                   help='comma list of environment batch sizes (the first is reported as ms_per_control_step)')
+    i.add_argument('--steps', type=int, default=3, help='timed control steps (median)')
+    i.add_argument('--json', action='store_true', help='print one JSON object instead of text')
+    e = sub.add_parser('env', help='tabletop simulator steps per second')
+    e.add_argument('--steps', type=int, default=100)
+    e.add_argument('--json', action='store_true', help='print one JSON object instead of text')
     d = sub.add_parser('data', help='input pipeline throughput')
     d.add_argument('--config', default=None, help='configs/calvin.py[:preset] (default: debug and default)')
     d.add_argument('--data', default=None,
@@ -124,14 +350,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@friendly_errors
 def main(argv=None) -> int:
     args = parse_args(argv)
     run, show = COMMANDS[args.command]
-    try:
-        results = run(args)
-    except DataError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    results = run(args)
     if getattr(args, 'json', False):
         print(json.dumps(results, indent=1))
     else:

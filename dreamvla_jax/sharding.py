@@ -16,16 +16,24 @@ import re
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 BATCH_AXES = ('data', 'fsdp')
 
 
 def make_mesh(config, devices=None) -> Mesh:
-    """The ``(data, fsdp)`` mesh of ``config.mesh`` over all (global) devices."""
+    """The ``(data, fsdp)`` mesh of ``config.mesh`` over all (global) devices.
+
+    ``config.mesh.data`` -1 means one row per process. With several processes the devices are laid out
+    in process order (``check_process_layout``), so each process's slice of the global batch lands on
+    its own devices.
+    """
     n = len(devices) if devices is not None else jax.device_count()
     data = int(config.mesh.data)
     fsdp = int(config.mesh.fsdp)
+    if data == -1:
+        data = jax.process_count()
     if fsdp == -1:
         if n % data:
             raise ValueError(f"config.mesh.data {data} does not divide the {n} devices")
@@ -33,7 +41,37 @@ def make_mesh(config, devices=None) -> Mesh:
     if data * fsdp != n:
         raise ValueError(f"config.mesh.data x config.mesh.fsdp = {data} x {fsdp} != {n} devices")
     kw = {} if devices is None else {'devices': devices}
-    return jax.make_mesh((data, fsdp), ('data', 'fsdp'), axis_types=(AxisType.Auto,) * 2, **kw)
+    mesh = jax.make_mesh((data, fsdp), ('data', 'fsdp'), axis_types=(AxisType.Auto,) * 2, **kw)
+    if jax.process_count() > 1 and not _in_process_order(mesh):
+        # make_mesh follows the physical topology, which may interleave hosts; the batch layout needs
+        # each process's devices to be one contiguous run of the flattened (data, fsdp) grid.
+        ordered = sorted(mesh.devices.flat, key=lambda d: (d.process_index, d.id))
+        mesh = Mesh(np.array(ordered).reshape(data, fsdp), ('data', 'fsdp'), axis_types=(AxisType.Auto,) * 2)
+    check_process_layout(mesh)
+    return mesh
+
+
+def _in_process_order(mesh: Mesh) -> bool:
+    procs = [d.process_index for d in mesh.devices.flat]
+    return procs == sorted(procs)
+
+
+def check_process_layout(mesh: Mesh) -> None:
+    """Asserts the multi-process batch layout: the flattened ``(data, fsdp)`` devices are grouped by
+    process in process order (``global_batch`` then concatenates the processes' local batches in order,
+    so a run on P processes sees the same global batch as on one), and when ``data`` is a multiple of
+    the process count, each process owns whole rows of the ``data`` axis (its ``fsdp`` groups stay within
+    the host)."""
+    if not _in_process_order(mesh):
+        raise AssertionError("mesh devices are not grouped by process: "
+                             f"{[[d.process_index for d in row] for row in mesh.devices]}")
+    pc = len({d.process_index for d in mesh.devices.flat})
+    rows = mesh.devices.shape[0]
+    if pc > 1 and rows % pc == 0:
+        for i, row in enumerate(mesh.devices):
+            owners = {d.process_index for d in row}
+            if owners != {i // (rows // pc)}:
+                raise AssertionError(f"mesh row {i} of the data axis spans processes {sorted(owners)}")
 
 
 def path_str(path) -> str:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, load_config
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dreamvla_jax.data import fake_batch, preprocess
 from dreamvla_jax.models import dreamvla
@@ -81,7 +82,8 @@ def module_outputs(model, inputs, s):
     b = ctx.shape[0]
     for name in ('rgb', 'depth', 'dino', 'sam'):
         if hasattr(model, f'decoder_{name}'):
-            out[f'decoder_{name}'] = getattr(model, f'decoder_{name}')(bo[f'dream_{name}'].reshape(b * s, -1, cfg.hidden))
+            dream = bo[f'dream_{name}'].reshape(b * s, -1, cfg.hidden)
+            out[f'decoder_{name}'] = getattr(model, f'decoder_{name}')(dream)
     cond = bo['action'].reshape(b * s, cfg.action.chunk, -1)
     out['action_head'] = model.action_head(jnp.zeros((b * s, cfg.action.chunk, 7)), jnp.zeros(b * s, jnp.int32), cond)
     return out
@@ -129,7 +131,8 @@ def test_full_size_module_shapes_abstractly(preset):
     raw = fake_batch.fake_batch(cfg, b)
     abstract_in = jax.eval_shape(lambda r: preprocess.preprocess(r, cfg), raw)
     graphdef, state = nnx.split(dreamvla.abstract_model(cfg))
-    out = jax.eval_shape(lambda st, x: module_outputs(nnx.merge(graphdef, st), x, cfg.model.history), state, abstract_in)
+    out = jax.eval_shape(lambda st, x: module_outputs(nnx.merge(graphdef, st), x, cfg.model.history),
+                         state, abstract_in)
     exp = expected_shapes(cfg, b)
     for k, shape in exp.items():
         assert out[k].shape == shape, k

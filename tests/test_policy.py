@@ -46,7 +46,6 @@ def test_fast_path_equals_full_recomputation_while_filling_and_sliding(setup):
     fast = make(setup, num_envs=2, fast=True, seed=3)
     full = make(setup, num_envs=2, fast=False, seed=3)
     instr = ['lift the red block', 'press the button']
-    diffs = []
     for t in range(6):  # history 3: fills (t < 3), then slides; env 1 is reset at t = 2
         if t == 2:
             fast.reset(1)

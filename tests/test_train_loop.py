@@ -1,7 +1,6 @@
 """The training entry point on real CALVIN-format data: overfitting, exact resume after kill -9,
 SIGTERM checkpoints, bad data flags."""
 
-import json
 import os
 import random
 import signal
@@ -40,7 +39,8 @@ def dataset(tmp_path_factory):
 
 
 def _cmd(dataset, workdir, *extra):
-    return [sys.executable, '-m', 'dreamvla_jax.train', '--config', 'configs/calvin.py:debug', '--workdir', str(workdir),
+    return [sys.executable, '-m', 'dreamvla_jax.train', '--config', 'configs/calvin.py:debug',
+            '--workdir', str(workdir),
             f'--config.data.root={dataset / "data"}', f'--config.data.features={dataset / "features"}', *extra]
 
 
