@@ -23,11 +23,11 @@ be given. ``--verify`` compares the HF encoders and GPT-2 with transformers in f
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
 
+from dreamvla_jax import cli
 from dreamvla_jax.convert import clip, gpt2, mae, official
 from dreamvla_jax.convert.common import ConvertError, read_config
 from dreamvla_jax.convert.pretrained import save_pretrained
@@ -42,14 +42,8 @@ SOURCES = {
 
 def load_config(spec: str):
     """``path/to/file.py[:preset]`` -> ``get_config(preset)`` (as ``--config`` does for ``train``)."""
-    path, _, preset = spec.partition(':')
-    if not Path(path).is_file():
-        raise ConvertError(f"--config: {path} does not exist.")
-    module_spec = importlib.util.spec_from_file_location(f'_config_{Path(path).stem}', path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
     try:
-        return module.get_config(preset or None)
+        return cli.load_config(spec)
     except ValueError as e:
         raise ConvertError(str(e)) from None
 

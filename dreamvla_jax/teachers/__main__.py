@@ -9,7 +9,6 @@ r"""``python -m dreamvla_jax.teachers``: precompute teacher features of a CALVIN
 import argparse
 import sys
 
-from dreamvla_jax.data.errors import DataError
 from dreamvla_jax.teachers import precompute
 
 
@@ -48,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def options_from_args(a: argparse.Namespace) -> precompute.Options:
     image_size, grid, gap, dino = 224, 28, 5, False
     if a.config:
-        from dreamvla_jax.config_file import load_config
+        from dreamvla_jax.cli import load_config
 
         c = load_config(a.config)
         image_size, grid, gap = c.model.vision.image_size, c.data.motion.grid, c.data.motion.gap
@@ -67,7 +66,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         manifest = precompute.run(options_from_args(args))
-    except DataError as e:
+    except ValueError as e:  # DataError, or a bad --config (cli.UsageError)
         print(f'error: {e}', file=sys.stderr)
         return 2
     label = ' (RANDOM-INIT teachers)' if manifest['random_init'] else ''
