@@ -95,6 +95,8 @@ def bench_train(args) -> dict:
     from dreamvla_jax.training import state as state_lib
 
     base = load_config(args.config)
+    if not args.compare:
+        args.compare = ['fp32', 'bf16'] if args.abstract else ['fp32', 'bf16', 'remat_full', 'remat_dots', 'no_donate']
     results = {'config': args.config, 'device': jax.devices()[0].device_kind, 'devices': jax.device_count(),
                'variants': {}}
     for name in args.compare:
@@ -322,8 +324,9 @@ def parse_args(argv=None):
     csv = lambda s: [x for x in s.split(',') if x]
     t = sub.add_parser('train', help='train-step speed, FLOPs, MFU and memory per lever')
     t.add_argument('--config', default='configs/calvin.py:mid', help='configs/calvin.py[:preset]')
-    t.add_argument('--compare', type=csv, default=['fp32', 'bf16', 'remat_full', 'remat_dots', 'no_donate'],
-                   help=f"comma list of variants, the first is the baseline ({', '.join(VARIANTS)})")
+    t.add_argument('--compare', type=csv, default=None,
+                   help=f"comma list of variants, the first is the baseline ({', '.join(VARIANTS)}); default "
+                        "fp32,bf16,remat_full,remat_dots,no_donate (fp32,bf16 with --abstract)")
     t.add_argument('--abstract', action='store_true',
                    help='compile from abstract inputs and print the memory estimate; run nothing')
     t.add_argument('--batch', type=int, default=0, help='global batch (default: config.train.batch_size)')
