@@ -33,17 +33,24 @@ def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
 
 
-def patchify(images: jax.Array, patch: int) -> jax.Array:
-    """``[N, H, W, C]`` -> ``[N, (H/p)*(W/p), p*p*C]``: patches row-major, (row, col, channel) inside."""
+def patchify(images, patch: int):
+    """``[N, H, W, C]`` -> ``[N, (H/p)*(W/p), p*p*C]``: patches row-major, (row, col, channel) inside.
+
+    Array methods only, so it serves jax and numpy arrays alike (the MAE patch embedding, the RGB/depth
+    dream targets, offline metrics and media). A PyTorch conv weight ``[out, C, p, p]`` matches this
+    layout after ``transpose(2, 3, 1, 0).reshape(-1, out)``.
+    """
     n, h, w, c = images.shape
+    if h % patch or w % patch:
+        raise ValueError(f"image size {h}x{w} is not divisible by the patch size {patch}")
     x = images.reshape(n, h // patch, patch, w // patch, patch, c)
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, (h // patch) * (w // patch), patch * patch * c)
 
 
-def normalize_patches(patches: jax.Array, eps: float = 1e-6) -> jax.Array:
+def normalize_patches(patches, eps: float = 1e-6):
     """Per-patch zero mean / unit variance over the last axis (unbiased variance), as MAE's
-    ``norm_pix_loss``."""
+    ``norm_pix_loss``. Array methods only (jax or numpy)."""
     x = patches.astype(jnp.float32)
     mean = x.mean(-1, keepdims=True)
     var = x.var(-1, keepdims=True, ddof=1)
-    return (x - mean) / jnp.sqrt(var + eps)
+    return (x - mean) / (var + eps) ** 0.5

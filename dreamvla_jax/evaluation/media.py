@@ -18,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dreamvla_jax import losses
 from dreamvla_jax.evaluation.rollout import StepEvent
 
 CELL = 112  # pixels per panel cell
@@ -109,16 +110,13 @@ def unpatchify(tokens: np.ndarray, channels: int) -> np.ndarray:
 
 
 def patchify(image: np.ndarray, patch: int) -> np.ndarray:
-    """``[H, W, C]`` -> ``[(H/p)*(W/p), p*p*C]`` (same layout as ``losses.patchify``)."""
-    h, w, c = image.shape
-    x = image.reshape(h // patch, patch, w // patch, patch, c).transpose(0, 2, 1, 3, 4)
-    return x.reshape((h // patch) * (w // patch), patch * patch * c)
+    """``[H, W, C]`` -> ``[(H/p)*(W/p), p*p*C]`` (``losses.patchify`` of one image)."""
+    return losses.patchify(np.asarray(image)[None], patch)[0]
 
 
 def normalize_patches(patches: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     """Per-patch zero mean / unit variance (unbiased), as the RGB target of the dream head."""
-    x = np.asarray(patches, np.float32)
-    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True, ddof=1) + eps)
+    return np.asarray(losses.normalize_patches(np.asarray(patches, np.float32), eps))
 
 
 def to_unit(x: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:

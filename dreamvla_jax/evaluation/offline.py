@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
+from dreamvla_jax import losses
 from dreamvla_jax.evaluation.media import normalize_patches
 
 
@@ -36,17 +37,10 @@ def action_targets(rel_actions: np.ndarray, history: int, chunk: int, arm_dim: i
     return np.concatenate([a[..., :arm_dim], (a[..., arm_dim:] + 1.0) / 2.0], axis=-1)
 
 
-def patchify(images: np.ndarray, patch: int) -> np.ndarray:
-    """``[N, H, W, C]`` -> ``[N, L, p*p*C]`` (``losses.patchify`` in numpy)."""
-    n, h, w, c = images.shape
-    x = images.reshape(n, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, (h // patch) * (w // patch), patch * patch * c)
-
-
 def _visual_target(batch: dict, name: str, cam: str, history: int, future: int, patch: int) -> np.ndarray:
     img = np.asarray(batch[f'{name}_{cam}'], np.float32)[:, future:future + history]
     img = img.reshape((-1,) + img.shape[2:4] + (img.shape[4] if img.ndim == 5 else 1,))
-    return patchify(img, patch)
+    return losses.patchify(img, patch)
 
 
 class _Mean:

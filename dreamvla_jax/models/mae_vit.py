@@ -13,22 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dreamvla_jax.losses import patchify  # noqa: F401 - the patch layout, re-exported for converters
 from dreamvla_jax.models import layers
-
-
-def patchify(images: jax.Array, patch: int) -> jax.Array:
-    """``[N, H, W, C]`` -> ``[N, (H/p)*(W/p), p*p*C]``.
-
-    Patches in raster order (row-major over the grid); inside a patch the values are flattened in
-    (row, col, channel) order, the same order as the RGB dream target (SPEC section 4). A PyTorch conv
-    weight ``[out, C, p, p]`` therefore becomes our kernel via ``transpose(2, 3, 1, 0).reshape(-1, out)``.
-    """
-    n, h, w, c = images.shape
-    if h % patch or w % patch:
-        raise ValueError(f"image size {h}x{w} is not divisible by the patch size {patch}")
-    x = images.reshape(n, h // patch, patch, w // patch, patch, c)
-    x = x.transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, (h // patch) * (w // patch), patch * patch * c)
 
 
 class MAEViT(nnx.Module):
