@@ -14,9 +14,9 @@ Two exact paths (``fast``):
     state encoder are per frame and position-free) and cached; the instruction embedding is cached per
     string; the query tokens of past timesteps are dropped (nobody attends to them), so the backbone
     runs on ``36*S + 57`` tokens; the DiT runs for the newest timestep only. Keys/values of earlier
-    positions are NOT reused: once the window slides, every frame's timestep embedding (its position
+    positions are NOT cached: once the window slides, every frame's timestep embedding (its position
     in the window) changes, so every context token must be recomputed anyway; while the window fills,
-    the padded positions are masked out instead.
+    the backbone runs on the frames seen so far only (``36*n + 57`` tokens for n frames).
 Both give the same actions for the same noise (tests/test_policy.py).
 """
 
@@ -220,7 +220,10 @@ class Policy:
         rng = jax.random.fold_in(self.rng, self.calls)
         self.calls += 1
         if self.fast:
-            return np.asarray(self._jit_fast(self.state, self.frames, text, query, rng))
+            # While every window is still filling, positions past the newest frame are padding that
+            # no query may see: cut them off (one compiled variant per length, S at most).
+            m = int(np.minimum(self.count, self.steps).max())
+            return np.asarray(self._jit_fast(self.state, self.frames[:, :m], text, query, rng))
         return np.asarray(self._jit_full(self.state, self.raw, text, query, rng))
 
     def step(self, observations: list[dict], instructions: list[str]) -> np.ndarray:
