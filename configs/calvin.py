@@ -94,7 +94,8 @@ def model_config(preset='default'):
     b.heads = 16
     b.mlp = 4096
     b.ln_eps = 1e-5
-    b.dropout = 0.1            # embeddings, attention probabilities, both residual branches
+    b.dropout = 0.1            # embeddings and both residual branches (official GPT-2)
+    b.attn_dropout = 0.1       # attention probabilities (official); 0 lets training use fused attention
     b.remat = 'none'           # 'none' | 'full' | 'dots_saveable'
     b.emb_ln_eps = 1e-5        # LayerNorm over the embedded sequence
 
@@ -253,7 +254,7 @@ def _shrink_for_debug(c):
     m.text.update(vocab_size=49408, context=77, width=32, layers=2, heads=2, mlp=64, proj_dim=32)
     m.vision.update(image_size=32, patch=8, width=32, layers=2, heads=2, mlp=64)
     m.resampler.update(latents=4, layers=1, heads=2, head_dim=16, mlp=64)
-    m.backbone.update(layers=2, heads=2, mlp=128, dropout=0.0)
+    m.backbone.update(layers=2, heads=2, mlp=128, dropout=0.0, attn_dropout=0.0)
     m.decoder.update(width=64, layers=1, heads=2, mlp=128)
     for name in ('rgb', 'depth', 'dino', 'sam'):
         head = m.dream[name]

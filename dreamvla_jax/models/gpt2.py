@@ -25,7 +25,8 @@ class GPT2Blocks(nnx.Module):
 
         def make_block(r):
             return layers.Block(cfg.hidden, b.heads, b.mlp, rngs=r, act='gelu_tanh', ln_eps=b.ln_eps,
-                                dropout=b.dropout, init='normal', dtype=dtype, param_dtype=param_dtype,
+                                dropout=b.dropout, attn_dropout=b.attn_dropout, init='normal', dtype=dtype,
+                                param_dtype=param_dtype,
                                 implementation=cfg.attention_impl)
 
         self.blocks = layers.Stack(make_block, b.layers, rngs=rngs, remat=b.remat)

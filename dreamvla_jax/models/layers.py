@@ -145,11 +145,14 @@ class Block(nnx.Module):
 
     def __init__(self, width: int, heads: int, mlp: int, *, rngs: nnx.Rngs, act: str = 'gelu',
                  ln_eps: float = 1e-5, ln_affine: bool = True, qkv_bias: bool = True,
-                 dropout: float = 0.0, init: str = 'xavier', dtype=jnp.float32,
-                 param_dtype=jnp.float32, implementation: str = 'xla'):
+                 dropout: float = 0.0, attn_dropout: float | None = None, init: str = 'xavier',
+                 dtype=jnp.float32, param_dtype=jnp.float32, implementation: str = 'xla'):
+        """``dropout`` applies to both residual branches; ``attn_dropout`` (default: ``dropout``) to
+        the attention probabilities, which forces the explicit (non-fused) attention path in training."""
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.ln1 = layer_norm(width, ln_eps, affine=ln_affine, **kw)
-        self.attn = FusedAttention(width, heads, qkv_bias=qkv_bias, dropout=dropout, init=init,
+        self.attn = FusedAttention(width, heads, qkv_bias=qkv_bias,
+                                   dropout=dropout if attn_dropout is None else attn_dropout, init=init,
                                    implementation=implementation, **kw)
         self.ln2 = layer_norm(width, ln_eps, affine=ln_affine, **kw)
         self.mlp = Mlp(width, mlp, act, init=init, **kw)
