@@ -214,7 +214,7 @@ def get_config(arg=None):
     ck.keep = 3
 
     ms = c.mesh = ml_collections.ConfigDict()
-    ms.data = 1                # hosts (multi-host data parallelism)
+    ms.data = -1               # data-parallel rows: -1 = one per process (hosts), fsdp within
     ms.fsdp = -1               # -1: all remaining devices
     ms.fsdp_min_bytes = 4 * 2**20  # tensors smaller than this stay replicated
     ms.rules = ()              # ordered (regex over 'a/b/c' parameter paths, 'replicate' | 'fsdp') overrides

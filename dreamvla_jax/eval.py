@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from dreamvla_jax import distributed
 from dreamvla_jax.cli import UsageError, friendly_errors, load_config
 from dreamvla_jax.envs import calvin_protocol as cp
 
@@ -55,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--media-format', choices=('mp4', 'gif'), default='mp4')
     p.add_argument('--panel-every', type=int, default=20, help='dream panel every N steps (0: none)')
     p.add_argument('--no-progress', action='store_true')
+    distributed.add_argparse_flags(p)  # --coordinator, --num-processes, --process-id
     return p.parse_args(argv)
 
 
@@ -183,12 +185,15 @@ def run_offline(args, config) -> tuple[dict, str]:
 @friendly_errors
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)  # before any device use
     config = load_config(args.config) if args.config else None
     if args.workers < 0:
         raise UsageError('--workers must be >= 0')
     out = Path(args.out or Path(args.checkpoint or '.') / f'eval_{args.env}')
     result, table = run_offline(args, config) if args.env == 'offline' else run_rollouts(args, config)
     result['env'], result['policy'] = args.env, args.policy
+    if not distributed.is_main_process():
+        return result  # every process evaluates the same episodes; process 0 alone reports
     out.mkdir(parents=True, exist_ok=True)
     (out / 'results.json').write_text(json.dumps(result, indent=2, default=float))
     print(table)

@@ -6,6 +6,9 @@
 Public flags (used by scripts): --config.data.root, --config.data.features, --config.train.steps,
 --config.train.log_every, --config.checkpoint.every, --config.seed. Rerunning the same command resumes
 from the latest checkpoint in --workdir; SIGTERM saves a checkpoint and exits.
+
+Several processes (hosts): the same command on each, plus --coordinator HOST:PORT --num-processes N
+--process-id I (or SLURM / TPU pod detection, see dreamvla_jax/distributed.py and launch/README.md).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
-from dreamvla_jax import cli
+from dreamvla_jax import cli, distributed
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/calvin.py', 'Config file[:preset].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics.jsonl, tb/).')
@@ -42,17 +45,17 @@ def main(argv):
         raise cli.UsageError("--workdir is required (the run directory; rerun the same command to resume).")
     from absl import logging
 
-    from dreamvla_jax import distributed
-
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-
-    distributed.initialize()
+    distributed.initialize_from_flags()  # before anything touches the devices
+    if not distributed.is_main_process():
+        logging.set_verbosity(logging.ERROR)  # process 0 speaks for the job
     config = _CONFIG.value
     check_data_flags(config)
+    distributed.check_global_batch(config.train.batch_size)
     from dreamvla_jax.training.loop import train
 
     last = train(config, _WORKDIR.value)
-    if last:
+    if last and distributed.is_main_process():
         print(f"Done: step {last.get('step', '?')} loss {last.get('loss', float('nan')):.5f}; "
               f"metrics in {Path(_WORKDIR.value) / 'metrics.jsonl'}")
 

@@ -14,10 +14,12 @@ Yields host-local numpy batches (B = global batch / process count, W = history +
   dino          float16 [B, S, 2, 16, 16, 768]  same, DINOv2 (if the DINOv2 head is on)
   index         int64   [B]                 window id (row of ``CalvinDataset.windows``)
 
-Order: windows -> seeded shuffle (reshuffled every epoch) -> repeat -> per-process stride slice -> batch ->
-optional worker processes. Batches are formed before the workers split the work, so the stream is the
-same for any worker count, and the iterator state (``get_state``/``set_state``, or Orbax through
-``grain.checkpoint``) is the number of batches consumed.
+Order: windows -> seeded shuffle (reshuffled every epoch) -> repeat -> batch -> per-process slice ->
+optional worker processes. Process p of P takes rows [p*B, (p+1)*B) of every global batch (of P*B
+windows), so the global batch that ``sharding.global_batch`` assembles is the same for any process count.
+Batches are formed before the workers split the work, so the stream is the same for any worker count, and
+the iterator state (``get_state``/``set_state``, or Orbax through ``grain.checkpoint``) is the number of
+(global) batches consumed, valid for any process count too.
 """
 
 from __future__ import annotations
@@ -204,11 +206,13 @@ def make_batches(config, split: str | None = None, *, source: WindowSource | Non
     if config.data.shuffle if shuffle is None else shuffle:
         ds = ds.shuffle(seed=int(config.seed if seed is None else seed))
     ds = ds.repeat(num_epochs)
-    if pc > 1:
-        # Equal lengths on every process (a process must not run out of batches before the others).
-        stop = None if num_epochs is None else (len(ds) // pc) * pc
-        ds = ds[pi:stop:pc]
-    return ds.batch(batch_size, drop_remainder=True)
+    if pc == 1:
+        return ds.batch(batch_size, drop_remainder=True)
+    # Local batch k*pc + p is process p's contiguous slice of global batch k (the global batch equals a
+    # single-process run's). Striding over local batches keeps it lazy: no process reads another's windows.
+    # Whole global batches only, so every process has the same number of batches.
+    stop = None if num_epochs is None else (len(ds) // (batch_size * pc)) * pc
+    return ds.batch(batch_size, drop_remainder=True)[pi:stop:pc]
 
 
 class BatchIterator(grain.DatasetIterator):

@@ -322,16 +322,16 @@ class RolloutRecorder:
     def _write_panel(self, idx: int, sub: int, step: int, pred: dict, obs: dict | None) -> None:
         target = None
         if obs is not None:
-            target = {'rgb': np.stack([obs['rgb_obs'][f'rgb_{c}'] for c in self.cameras])}
+            # The cameras differ in size (tabletop/CALVIN: 200 and 84 px): bring them to one before stacking.
+            rgb = [np.asarray(obs['rgb_obs'][f'rgb_{c}']) for c in self.cameras]
+            size = max(o.shape[0] for o in rgb)
+            target = {'rgb': np.stack([cv2.resize(o, (size, size)) for o in rgb])}
             depth = obs.get('depth_obs', {})
             if all(f'depth_{c}' in depth for c in self.cameras):
                 hw = np.asarray(depth[f'depth_{self.cameras[0]}']).shape[::-1]
                 nearest = cv2.INTER_NEAREST
                 target['depth'] = np.stack([cv2.resize(np.asarray(depth[f'depth_{c}'], np.float32), hw,
                                                        interpolation=nearest) for c in self.cameras])
-            if 'rgb' in target:
-                size = max(np.asarray(o).shape[0] for o in target['rgb'])
-                target['rgb'] = np.stack([cv2.resize(np.asarray(o), (size, size)) for o in target['rgb']])
         panel = dream_panel(pred, target, self.cameras)
         path = self.out / f'episode_{idx:04d}' / f'panel_sub{sub}_step{step:03d}.png'
         self.written.append(save_png(path, panel))

@@ -17,10 +17,37 @@ import orbax.checkpoint as ocp
 
 FORMAT_VERSION = 1
 ITEMS = ('state', 'frozen', 'data', 'config', 'meta')
+_CPU_HANDLER_SET = False
+
+
+def _no_replica_parallel_on_cpu() -> None:
+    """Saves each replicated array from one replica on CPU backends.
+
+    Orbax's replica-parallel save (its default off GPU) slices every replicated array across its devices
+    with one small jit per shape and device: hundreds of compilations, about 20 s per save of the debug
+    model on CPU, for no gain there. TPU keeps the default. Called after ``jax.distributed`` is set up
+    (asking for the backend earlier would pin it to this process's devices).
+    """
+    global _CPU_HANDLER_SET
+    if _CPU_HANDLER_SET or jax.default_backend() != 'cpu':
+        return
+    from absl import logging
+    from orbax.checkpoint._src.metadata import array_metadata_store  # the default handler's; no public name
+
+    handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
+                                             array_metadata_store=array_metadata_store.Store())
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # the registry warns about every override
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        logging.set_verbosity(verbosity)
+    _CPU_HANDLER_SET = True
 
 
 class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, every: int, keep: int, async_save: bool = True):
+        _no_replica_parallel_on_cpu()
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1,
                                                enable_async_checkpointing=async_save, create=True)
@@ -78,7 +105,17 @@ def load_model_weights(path: str | os.PathLike, step: int | None = None):
     out = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(), frozen=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
     manager.close()
-    return out['state']['params'], out['frozen'], out['config']
+    return _unwrap_variables(out['state']['params']), _unwrap_variables(out['frozen']), out['config']
+
+
+def _unwrap_variables(tree):
+    """Restored without a target, each saved ``nnx.Variable`` comes back as ``{'value': array}``; the
+    model's pure dicts (``_fill``) hold the arrays themselves."""
+    if isinstance(tree, dict):
+        if set(tree) == {'value'} and not isinstance(tree['value'], dict):
+            return tree['value']
+        return {k: _unwrap_variables(v) for k, v in tree.items()}
+    return tree
 
 
 def _fill(pure: dict, loaded: dict, where: str) -> list[str]:

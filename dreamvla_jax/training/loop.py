@@ -53,16 +53,30 @@ class DevicePrefetcher:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after every step (save, then exit)."""
+    """Turns SIGTERM into a flag the loop checks after every step (save, then exit).
+
+    With several processes, JAX's preemption service (started by ``jax.distributed.initialize``) owns
+    SIGTERM and picks one step at which every process stops: the checkpoint save is collective, so a
+    process stopping alone would leave the others waiting for it.
+    """
 
     def __init__(self):
         self.requested = False
         self._old = None
+        self._multi = jax.process_count() > 1
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if not self._multi and threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGTERM, self._handle)
         return self
+
+    def reached(self, step: int) -> bool:
+        """Whether to stop after ``step`` (the same answer on every process)."""
+        if self._multi and not self.requested:
+            from jax.experimental import multihost_utils
+
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -109,6 +123,12 @@ def train(config, workdir: str | Path, *, iterator=None, steps_per_epoch: int | 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
+    # Wall-clock budget (config.train.time_limit_s > 0): stop with a checkpoint once exceeded; a rerun
+    # resumes. One process only: separate clocks would stop processes at different steps.
+    time_limit = float(config.train.get('time_limit_s', 0) or 0)
+    if time_limit > 0 and jax.process_count() > 1:
+        raise ValueError('config.train.time_limit_s works with one process only; use train.steps')
+    t_start = time.perf_counter()
 
     # ------------------------------------------------------------------ mesh
     mesh = shd.make_mesh(config)
@@ -174,7 +194,8 @@ def train(config, workdir: str | Path, *, iterator=None, steps_per_epoch: int | 
             pending = (step, metrics)
             log_now = step % config.train.log_every == 0 or step == total
             save_now = checkpointer.every > 0 and step % checkpointer.every == 0
-            stop = preempt.requested or (stop_at is not None and step >= stop_at)
+            out_of_time = time_limit > 0 and time.perf_counter() - t_start > time_limit
+            stop = preempt.reached(step) or (stop_at is not None and step >= stop_at) or out_of_time
             if log_now or save_now or stop or step == total:
                 _check_finite(step, metrics, checkpointer)
                 pending = None
@@ -192,7 +213,8 @@ def train(config, workdir: str | Path, *, iterator=None, steps_per_epoch: int | 
             bar.update(1)
             if stop:
                 checkpointer.wait()
-                why = 'SIGTERM' if preempt.requested else f'stop_at={stop_at}'
+                why = ('SIGTERM' if preempt.requested else
+                       f'time_limit_s={time_limit:g}' if out_of_time else f'stop_at={stop_at}')
                 if is_main:
                     print(f"\nStopped at step {step} ({why}); checkpoint saved in "
                           f"{checkpointer.directory / str(step)}.", flush=True)
