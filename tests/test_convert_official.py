@@ -10,6 +10,7 @@ where the file round trip, the CLI and ``sample_actions`` run.
 
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +27,9 @@ from dreamvla_jax.convert.pretrained import load_pretrained, save_pretrained
 from dreamvla_jax.data import fake_batch, preprocess
 from dreamvla_jax.models import dreamvla
 
-KEY_FILES = {'dreamvla': '/work/shared/official_state_dict_keys.txt',
-             'seer': '/work/shared/seer_state_dict_keys.txt'}
+# Every key, shape and dtype of the two official checkpoints (copied from the project notes, SPEC section 11).
+DATA = Path(__file__).parent / 'data'
+KEY_FILES = {'dreamvla': DATA / 'official_state_dict_keys.txt', 'seer': DATA / 'seer_state_dict_keys.txt'}
 SEER_OBS_PER_CAMERA = 16  # Seer's image-prediction queries (dropped by the conversion)
 
 
