@@ -1,6 +1,6 @@
 """The one environment interface that ``eval`` drives: calvin_env's, so CALVIN and the tabletop are swappable.
 
-The shapes follow calvin_env's ``PlayTableSimEnv`` (see /work/shared/CALVIN.md, sections 1-3):
+The shapes follow calvin_env's ``PlayTableSimEnv`` (see the CALVIN notes, sections 1-3):
 
   obs = env.reset(robot_obs=None, scene_obs=None, seed=None)
   obs = {'rgb_obs':   {'rgb_static': u8[200, 200, 3], 'rgb_gripper': u8[84, 84, 3]},

@@ -7,7 +7,7 @@ World frame: the robot base sits at the origin on the table top (z = 0), facing 
 at the table from the far side (from +x towards the robot), so "left"/"right" in the instructions mean the
 left/right of that image: right = +y, left = -y.
 
-Conventions copied from calvin_env (/work/shared/CALVIN.md sections 1-3):
+Conventions copied from calvin_env (the CALVIN notes, sections 1-3):
   * ``robot_obs`` (15): tcp xyz, tcp euler xyz, gripper opening width (m), 7 arm joints, last gripper action.
     Our TCP frame is the Panda's ``panda_grasptarget`` turned by pi about x, so a gripper pointing straight
     down has euler (0, 0, 0) (no +-pi wrap-around in the observation) and the TCP z axis points up.
