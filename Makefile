@@ -19,11 +19,11 @@ $(STAMP): requirements.txt
 
 # The whole suite, slow full-size checks included (as CI runs it).
 test: venv
-	$(PY) -m pytest -n 2 -q --durations=15
+	$(PY) -m pytest -n 2 --dist loadfile -q --durations=15
 
 # Everything but the slow full-size checks.
 test-fast: venv
-	$(PY) -m pytest -n 2 -q -m "not slow"
+	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow"
 
 # The main job on the embedded default: generate CALVIN-format data, precompute teachers, train, evaluate.
 demo: venv

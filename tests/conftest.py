@@ -8,6 +8,11 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+# Many tests (and the subprocesses they start) compile the same debug-model programs: share them through
+# JAX's persistent compilation cache (keyed by the program and the JAX version, so it never goes stale).
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(__import__('tempfile').gettempdir(), 'dreamvla_jax_test_jit_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

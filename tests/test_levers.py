@@ -65,8 +65,8 @@ def test_remat_policies_give_the_same_gradients(fp32_run, policy):
 
 
 def test_infer_benchmark_reports_both_paths():
-    out = subprocess.run([sys.executable, '-m', 'dreamvla_jax.benchmark', 'infer', '--config', 'configs/calvin.py:debug',
-                          '--batch-sizes', '1,2', '--steps', '1', '--json'],
+    out = subprocess.run([sys.executable, '-m', 'dreamvla_jax.benchmark', 'infer',
+                          '--config', 'configs/calvin.py:debug', '--batch-sizes', '1,2', '--steps', '1', '--json'],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     r = json.loads(out)
     assert set(r['ms_per_control_step']) == {'full', 'fast'}

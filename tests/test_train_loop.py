@@ -1,6 +1,7 @@
 """The training entry point on real CALVIN-format data: overfitting, exact resume after kill -9,
 SIGTERM checkpoints, bad data flags."""
 
+import json
 import os
 import random
 import signal
@@ -126,3 +127,20 @@ def test_bad_data_flags_are_one_sentence(dataset, tmp_path, flag, value, expect)
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and expect in r.stderr and 'Traceback' not in r.stderr
     assert 'python -m dreamvla_jax.teachers' in r.stderr  # says how to prepare data
+
+
+def test_checkpoint_from_an_8_device_run_evaluates_in_a_1_device_process(dataset, tmp_path, tmp_path_factory):
+    """Train on an 8-device mesh, then run the eval CLI (tabletop, model policy) on one device."""
+    env8 = dict(_env(tmp_path_factory), XLA_FLAGS='--xla_force_host_platform_device_count=8')
+    work = tmp_path / 'w8'
+    subprocess.run(_cmd(dataset, work, '--config.train.steps=2', '--config.checkpoint.every=2'),
+                   cwd=ROOT, env=env8, check=True, capture_output=True)
+    out = tmp_path / 'eval'
+    r = subprocess.run([sys.executable, '-m', 'dreamvla_jax.eval', '--config', 'configs/calvin.py:debug',
+                        '--checkpoint', str(work), '--env', 'tabletop', '--tasks', 'press_button',
+                        '--episodes-per-task', '2', '--max-steps', '3', '--out', str(out), '--no-progress'],
+                       cwd=ROOT, env=_env(tmp_path_factory), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / 'results.json').read_text())
+    assert res['tasks']['press_button']['episodes'] == 2
+    assert 0.0 <= res['tasks']['press_button']['success'] <= 1.0

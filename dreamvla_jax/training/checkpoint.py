@@ -98,12 +98,20 @@ def load_model_weights(path: str | os.PathLike, step: int | None = None):
     if not ckpt_dir.exists():
         raise FileNotFoundError(f"--checkpoint: no checkpoint directory at {ckpt_dir}")
     root = ckpt_dir / 'checkpoints' if (ckpt_dir / 'checkpoints').is_dir() else ckpt_dir
-    manager = ocp.CheckpointManager(root.absolute(), item_names=ITEMS)
+    handlers = {'state': ocp.StandardCheckpointHandler(), 'frozen': ocp.StandardCheckpointHandler(),
+                **{name: ocp.JsonCheckpointHandler() for name in ('data', 'config', 'meta')}}
+    manager = ocp.CheckpointManager(root.absolute(), item_names=ITEMS, item_handlers=handlers)
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"--checkpoint: {root} holds no checkpoint")
+    # Restore onto this process's first device whatever mesh wrote the checkpoint (a run on 8 devices
+    # is evaluated on 1): the saved shardings would need the writer's topology.
+    meta = manager.item_metadata(step)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = lambda tree: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
     out = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), frozen=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(target(meta['state'])), frozen=ocp.args.StandardRestore(target(meta['frozen'])),
+        config=ocp.args.JsonRestore()))
     manager.close()
     return _unwrap_variables(out['state']['params']), _unwrap_variables(out['frozen']), out['config']
 
