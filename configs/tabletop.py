@@ -19,7 +19,11 @@ Presets (``--config configs/tabletop.py[:preset]``):
             0.0% / 1.7% mean):
               step 1199 (25 min, stopped by the time limit):            3.3% mean
               step 2172 (+17 min, resumed with train.steps=3600):       8.3% mean
-            Not yet at the 60% target: more steps are needed than 2 loaded CPU cores give in 25 minutes.
+              step 5288 (+30 min idle machine, resumed with train.steps=6000): 8.3% mean
+                (lift 20%, push left 10%, push right 20%, place/stack/button 0%)
+            Not at the 60% target, and more steps alone did not help (the losses still fall slowly):
+            the next things to try are more demonstrations, larger images / a wider vision encoder,
+            and execute='chunk'.
   quick     The same structure at 32 px with one layer per stack, 20 steps (the demo's `--quick` run).
 
 The whole pipeline (collect -> teachers -> train -> evaluate -> report) is ``python -m dreamvla_jax.demo``.
