@@ -77,13 +77,7 @@ def fast_action_condition(model: dreamvla.DreamVLA, frames: jax.Array, text: jax
     seq = model.embedding_ln(jnp.concatenate([ctx, q], axis=1))
     mask = jnp.asarray(_fast_masks(cfg, s))[query_step][:, None]  # [B, 1, T, T]
     h = model.backbone(seq, mask)[:, ctx.shape[1]:][:, None]
-    out, start = {}, 0
-    for name in masks.enabled_dreams(cfg):
-        n = getattr(model.queries, name)[...].shape[0]
-        out[f'dream_{name}'] = h[:, :, start:start + n]
-        start += n
-    out['action'] = h[:, :, start:]
-    return out
+    return model.split_query_outputs(h)
 
 
 class Policy:
@@ -172,13 +166,11 @@ class Policy:
 
     def _full_fn(self, state, window, text, query_step, rng):
         model = self._model(state)
-        s = self.steps
         frames = model.encode_frames({c: window[f'rgb_{c}'] for c in self.cfg.cameras})
         st = model.state_encoder(window['robot_obs'].astype(model.dtype))
         ctx = model.context_tokens(text, st, frames)
         out = model.backbone_forward(ctx)
         cond = jnp.take_along_axis(out['action'], query_step[:, None, None, None], axis=1)
-        del s
         return model.sample_from_condition(cond, None, sample_steps=self.sample_steps, noise=self._noise(rng))[:, 0]
 
     def _dream_fn(self, state, frames, text, query_step):

@@ -192,6 +192,10 @@ class DreamVLA(nnx.Module):
             hq = h.reshape(b, s, nc + q.shape[0], d)[:, :, nc:]
         else:
             hq = h[:, s * nc:][:, None]
+        return self.split_query_outputs(hq)
+
+    def split_query_outputs(self, hq: jax.Array) -> dict[str, jax.Array]:
+        """``[B, Q, n_queries, D]`` query outputs -> ``{'dream_<name>': ..., 'action': ...}``."""
         out, start = {}, 0
         for name in masks.enabled_dreams(self.cfg):
             n = getattr(self.queries, name)[...].shape[0]
