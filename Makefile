@@ -17,13 +17,14 @@ $(STAMP): requirements.txt
 	$(PIP) install -q --no-deps openai-clip==1.0.1
 	touch $(STAMP)
 
-# The whole suite, slow full-size checks included (as CI runs it).
+# The whole suite, slow full-size checks included (as CI runs it). A crashed worker ends the run
+# (--max-worker-restart 0): pytest-xdist 3.8's loadfile scheduler can deadlock after replacing one.
 test: venv
-	$(PY) -m pytest -n 2 --dist loadfile -q --durations=15
+	$(PY) -m pytest -n 2 --dist loadfile --max-worker-restart 0 -q --durations=15
 
 # Everything but the slow full-size checks.
 test-fast: venv
-	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow"
+	$(PY) -m pytest -n 2 --dist loadfile --max-worker-restart 0 -q -m "not slow"
 
 # The main job on the embedded default: generate CALVIN-format data, precompute teachers, train, evaluate.
 demo: venv

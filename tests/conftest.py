@@ -19,6 +19,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+import dreamvla_jax  # noqa: E402,F401  (raises XLA:CPU's collective timeouts before JAX makes its backend)
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'configs'))
 
