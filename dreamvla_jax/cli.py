@@ -28,6 +28,37 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg or None)
 
 
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+    """Applies ``--config.a.b=value`` arguments (as ``train`` takes them) to ``config`` in place.
+
+    Values are Python literals (``3``, ``1e-3``, ``True``, ``(1, 2)``, ``'x'``) or, failing that, plain
+    strings; ml_collections keeps each field's type (an int where a float lives becomes a float).
+    """
+    import ast
+
+    for arg in overrides:
+        key, sep, raw = arg[len('--config.'):].partition('=') if arg.startswith('--config.') else ('', '', '')
+        if not key or not sep:
+            raise UsageError(f"unrecognized argument {arg!r} (config overrides look like --config.train.lr=1e-4)")
+        *parents, leaf = key.split('.')
+        node = config
+        for i, name in enumerate(parents):
+            if name not in node:
+                raise UsageError(f"--config.{key}: the config has no field {'.'.join(parents[:i + 1])!r}")
+            node = node[name]
+        if leaf not in node:
+            raise UsageError(f"--config.{key}: the config has no field {key!r}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        try:
+            node[leaf] = value
+        except TypeError as e:
+            raise UsageError(f"--config.{key}={raw}: {e}") from e
+    return config
+
+
 def _config_arg(argv: list[str]) -> str | None:
     for i, a in enumerate(argv):
         if a.startswith('--config='):

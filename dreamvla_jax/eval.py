@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from dreamvla_jax import distributed
-from dreamvla_jax.cli import UsageError, friendly_errors, load_config
+from dreamvla_jax.cli import UsageError, apply_overrides, friendly_errors, load_config
 from dreamvla_jax.envs import calvin_protocol as cp
 
 ENVS = ('calvin', 'tabletop', 'offline')
@@ -57,7 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--panel-every', type=int, default=20, help='dream panel every N steps (0: none)')
     p.add_argument('--no-progress', action='store_true')
     distributed.add_argparse_flags(p)  # --coordinator, --num-processes, --process-id
-    return p.parse_args(argv)
+    p.epilog = 'Any config field can be overridden as in train: --config.data.features=DIR --config.eval.execute=chunk'
+    args, rest = p.parse_known_args(argv)
+    bad = [a for a in rest if not a.startswith('--config.')]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.config_overrides = rest
+    return args
 
 
 def make_policy(args, config, kind: str, num_envs: int):
@@ -187,6 +193,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)  # before any device use
     config = load_config(args.config) if args.config else None
+    if args.config_overrides:
+        if config is None:
+            raise UsageError('--config.* overrides need --config')
+        apply_overrides(config, args.config_overrides)
     if args.workers < 0:
         raise UsageError('--workers must be >= 0')
     out = Path(args.out or Path(args.checkpoint or '.') / f'eval_{args.env}')

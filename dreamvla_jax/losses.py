@@ -29,6 +29,22 @@ def cosine_loss(pred: jax.Array, target: jax.Array, eps: float = 1e-8) -> jax.Ar
     return jnp.mean(1.0 - jnp.sum(p * y, axis=-1) / denom)
 
 
+def pool_grid(features, grid):
+    """Average-pools feature maps ``[..., h, w, C]`` to ``grid`` = (rows, cols), which must divide (h, w).
+
+    Lets a feature dream head decode a coarser grid than the teacher's (the tabletop preset decodes SAM's
+    16x16 map at 8x8). Array methods only: serves jax and numpy arrays alike. Identity when equal.
+    """
+    *lead, h, w, c = features.shape
+    rows, cols = grid
+    if (h, w) == (rows, cols):
+        return features
+    if h % rows or w % cols:
+        raise ValueError(f"a dream head's mask_grid {tuple(grid)} must divide the teacher grid {(h, w)}")
+    x = features.reshape(*lead, rows, h // rows, cols, w // cols, c)
+    return x.mean(axis=(-4, -2))
+
+
 def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
 

@@ -52,3 +52,15 @@ def test_patchify_order_and_patch_normalisation():
     n = losses.normalize_patches(p)
     x = np.asarray(p[0, 1])
     np.testing.assert_allclose(n[0, 1], (x - x.mean()) / np.sqrt(x.var(ddof=1) + 1e-6), rtol=1e-5)
+
+
+def test_pool_grid_averages_blocks_and_checks_divisibility():
+    x = np.arange(2 * 4 * 4 * 3, dtype=np.float32).reshape(2, 4, 4, 3)     # [N, h, w, C]
+    pooled = losses.pool_grid(x, (2, 2))
+    assert pooled.shape == (2, 2, 2, 3)
+    # top-right 2x2 block of example 1, channel 2: rows 0-1, cols 2-3
+    assert pooled[1, 0, 1, 2] == pytest.approx(x[1, 0:2, 2:4, 2].mean())
+    np.testing.assert_allclose(np.asarray(losses.pool_grid(jnp.asarray(x), (2, 2))), pooled, rtol=1e-6)
+    assert losses.pool_grid(x, (4, 4)) is x
+    with pytest.raises(ValueError, match='must divide'):
+        losses.pool_grid(x, (3, 3))

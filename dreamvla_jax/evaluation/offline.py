@@ -21,6 +21,7 @@ Every visual metric is also reported per camera (``<metric>/<camera>``).
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 
@@ -93,7 +94,8 @@ def batch_metric_sums(batch: dict, pred: dict, acc: _Mean, *, history: int, chun
                 acc.add(f'depth_delta1/{cam}', d1, valid.sum())
             else:
                 t = np.asarray(batch[name], np.float32)[:, :, i]
-                y = t.reshape(p.shape[0], -1, t.shape[-1])
+                grid = math.isqrt(p.shape[1])
+                y = losses.pool_grid(t, (grid, grid)).reshape(p.shape[0], -1, t.shape[-1])
                 cos = np.sum(p * y, -1) / (np.maximum(np.linalg.norm(p, axis=-1), 1e-8)
                                            * np.maximum(np.linalg.norm(y, axis=-1), 1e-8))
                 acc.add(f'{name}_cosine/{cam}', cos, cos.size)

@@ -263,7 +263,7 @@ class DreamVLA(nnx.Module):
                 else:
                     per_cam.append(losses.silog(pred[:, i], target, self.loss_cfg.silog_lambda))
             return sum(per_cam) / len(per_cam)
-        target = inputs[name]
+        target = losses.pool_grid(inputs[name], tuple(cfg.dream[name].mask_grid))
         target = target.reshape(pred.shape[:2] + (-1, target.shape[-1]))
         return losses.cosine_loss(pred, target)
 
