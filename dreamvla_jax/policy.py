@@ -13,10 +13,16 @@ Two exact paths (``fast``):
   * fast (default): each frame is encoded once when it arrives (MAE, resampler, projectors and the
     state encoder are per frame and position-free) and cached; the instruction embedding is cached per
     string; the query tokens of past timesteps are dropped (nobody attends to them), so the backbone
-    runs on ``36*S + 57`` tokens; the DiT runs for the newest timestep only. Keys/values of earlier
-    positions are NOT cached: once the window slides, every frame's timestep embedding (its position
-    in the window) changes, so every context token must be recomputed anyway; while the window fills,
-    the backbone runs on the frames seen so far only (``36*n + 57`` tokens for n frames).
+    runs on ``36*S + 57`` tokens; the DiT runs for the newest timestep only.
+    Keys/values, two regimes:
+      - while the window fills (the first S steps after a reset), frame t sits at position t for good
+        and context tokens attend only to context of their own and earlier timesteps, so the keys and
+        values of earlier frames never change: they are cached per layer, and each step runs the
+        backbone on the newest frame's 36 context tokens plus the 57 queries only (``kv_cache``);
+      - once the window slides, every frame's timestep embedding (its position in the window) shifts,
+        so every context token must be recomputed: the backbone runs on ``36*S + 57`` tokens.
+    The cache is used while every environment of the batch is filling and has its cache complete
+    (an environment that was stepped through the recomputing path keeps recomputing until its reset).
 Both give the same actions for the same noise (tests/test_policy.py).
 """
 
@@ -80,14 +86,50 @@ def fast_action_condition(model: dreamvla.DreamVLA, frames: jax.Array, text: jax
     return model.split_query_outputs(h)
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_masks(cfg, steps: int, n_ctx: int) -> np.ndarray:
+    """``[S, n_ctx + nq, S * n_ctx + nq]``: the fast-layout mask rows of the newest frame's context and the
+    queries (queries at timestep t = index t), against every cache slot and the queries."""
+    full = _fast_masks(cfg, steps)
+    return np.stack([np.concatenate([full[t, t * n_ctx:(t + 1) * n_ctx], full[t, steps * n_ctx:]])
+                     for t in range(steps)])
+
+
+def cached_action_condition(model: dreamvla.DreamVLA, frame: jax.Array, text: jax.Array, step: jax.Array,
+                            k_cache: jax.Array, v_cache: jax.Array):
+    """The fast layout's query outputs while the window fills, from a key/value cache of earlier frames.
+
+    Args:
+      frame: ``[B, n_context - 1, hidden]`` the newest frame's cached tokens (as in ``fast_action_condition``).
+      text: ``[B, hidden]``; step: int ``[B]``, the newest frame's timestep (< S).
+      k_cache, v_cache: ``[layers, B, S * n_context, heads, head_dim]``; slots of timesteps < step hold the
+        earlier frames' keys/values, the newest frame's are written at slot ``step``.
+    Returns:
+      ``(outputs as fast_action_condition's, k_cache, v_cache)``.
+    """
+    cfg = model.cfg
+    s = cfg.history
+    n_ctx = frame.shape[1] + 1
+    temb = model.timestep_embedding[...][:s].astype(model.dtype)[step][:, None]     # [B, 1, D]
+    ctx = jnp.concatenate([text[:, None].astype(frame.dtype), frame], axis=1) + temb
+    q = model.query_tokens().astype(model.dtype)[None] + temb
+    seq = model.embedding_ln(jnp.concatenate([ctx, q], axis=1))
+    mask = jnp.asarray(_cached_masks(cfg, s, n_ctx))[step][:, None]                  # [B, 1, rows, cols]
+    h, k_cache, v_cache = model.backbone.cached(seq, mask, k_cache, v_cache, step * n_ctx, n_ctx)
+    return model.split_query_outputs(h[:, n_ctx:][:, None]), k_cache, v_cache
+
+
 class Policy:
     """Batched DreamVLA policy for ``num_envs`` environments (see the module docstring)."""
 
     def __init__(self, config, model: dreamvla.DreamVLA, *, num_envs: int = 1, seed: int = 0,
-                 execute: str = 'first', fast: bool = True, tokenizer=None, sample_steps: int | None = None):
+                 execute: str = 'first', fast: bool = True, kv_cache: bool = True, tokenizer=None,
+                 sample_steps: int | None = None):
         if execute not in EXECUTE_MODES:
             raise ValueError(f"execute mode {execute!r} is not one of {EXECUTE_MODES}")
         self.config, self.num_envs, self.execute, self.fast = config, num_envs, execute, fast
+        self.kv_cache = fast and kv_cache
+        self.kv_steps = 0              # chunks computed from the key/value cache (while filling)
         self.cfg = config.model
         self.steps = self.cfg.history
         self.chunk = self.cfg.action.chunk
@@ -104,6 +146,7 @@ class Policy:
         self._jit_text = jax.jit(self._text_fn)
         self._jit_encode = jax.jit(self._encode_fn)
         self._jit_fast = jax.jit(self._fast_fn)
+        self._jit_cached = jax.jit(self._cached_fn, donate_argnums=(5, 6))
         self._jit_full = jax.jit(self._full_fn)
         self._jit_dream = jax.jit(self._dream_fn)
         self.reset()
@@ -126,8 +169,12 @@ class Policy:
             self.raw = None             # full: dict of [N, S, ...] preprocessed frames (device)
             self.plan = [[] for _ in range(self.num_envs)]       # chunk mode: queued actions
             self.ensemble = [[] for _ in range(self.num_envs)]   # ensemble mode: (age, chunk) pairs
+            self.newest = None          # fast: [N, n_context - 1, hidden] tokens of the newest frame
+            self.kv = None              # fast, filling: (k, v) [layers, N, S * n_context, heads, head_dim]
+            self.cached = np.zeros(self.num_envs, np.int64)  # frames whose keys/values are in self.kv
         for i in envs:
             self.count[i] = 0
+            self.cached[i] = 0
             self.plan[i] = []
             self.ensemble[i] = []
 
@@ -163,6 +210,20 @@ class Policy:
         cond = fast_action_condition(model, frames, text, query_step)
         return model.sample_from_condition(cond['action'], None, sample_steps=self.sample_steps,
                                            noise=self._noise(rng))[:, 0]
+
+    def _cached_fn(self, state, frame, text, query_step, rng, k_cache, v_cache):
+        model = self._model(state)
+        cond, k_cache, v_cache = cached_action_condition(model, frame, text, query_step, k_cache, v_cache)
+        act = model.sample_from_condition(cond['action'], None, sample_steps=self.sample_steps,
+                                          noise=self._noise(rng))[:, 0]
+        return act, k_cache, v_cache
+
+    def _empty_kv(self, frame_tokens: jax.Array):
+        cfg = self.cfg
+        heads = cfg.backbone.heads
+        shape = (cfg.backbone.layers, self.num_envs, self.steps * (frame_tokens.shape[1] + 1), heads,
+                 cfg.hidden // heads)
+        return jnp.zeros(shape, frame_tokens.dtype), jnp.zeros(shape, frame_tokens.dtype)
 
     def _full_fn(self, state, window, text, query_step, rng):
         model = self._model(state)
@@ -200,6 +261,7 @@ class Policy:
         tokens, x = self._jit_encode(self.state, observation_batch(observations, self.cfg.cameras))
         if self.fast:
             self.frames = self._push(self.frames, tokens)
+            self.newest = tokens
         else:
             keys = [f'rgb_{c}' for c in self.cfg.cameras] + ['robot_obs']
             self.raw = {k: self._push(None if self.raw is None else self.raw[k], x[k][:, 0]) for k in keys}
@@ -211,9 +273,18 @@ class Policy:
         query = jnp.asarray(np.minimum(self.count, self.steps) - 1, jnp.int32)
         rng = jax.random.fold_in(self.rng, self.calls)
         self.calls += 1
+        if self.kv_cache and (self.count <= self.steps).all() and (self.cached >= self.count - 1).all():
+            # Every window is filling and holds its earlier frames' keys/values: newest frame + queries only.
+            if self.kv is None:
+                self.kv = self._empty_kv(self.newest)
+            act, k, v = self._jit_cached(self.state, self.newest, text, query, rng, *self.kv)
+            self.kv = (k, v)
+            self.cached = self.count.copy()
+            self.kv_steps += 1
+            return np.asarray(act)
         if self.fast:
-            # While every window is still filling, positions past the newest frame are padding that
-            # no query may see: cut them off (one compiled variant per length, S at most).
+            # Recomputing path. While every window is still filling, positions past the newest frame are
+            # padding that no query may see: cut them off (one compiled variant per length, S at most).
             m = int(np.minimum(self.count, self.steps).max())
             return np.asarray(self._jit_fast(self.state, self.frames[:, :m], text, query, rng))
         return np.asarray(self._jit_full(self.state, self.raw, text, query, rng))

@@ -101,7 +101,7 @@ def test_batch_of_n_equals_n_single_calls(setup):
         o = [obs(100 + 3 * t + i) for i in range(3)]
         a = batched.step(o, instr)
         for i in range(3):
-            np.testing.assert_allclose(singles[i].step([o[i]], [instr[i]])[0], a[i], atol=1e-5)
+            np.testing.assert_allclose(singles[i].step([o[i]], [instr[i]])[0], a[i], rtol=1e-5, atol=1e-5)
 
 
 def test_first_and_chunk_modes(setup):
@@ -152,3 +152,43 @@ def test_dream_outputs_match_decoders_on_the_training_layout(setup):
     assert d['rgb'].shape == (2, 2, 16, 192) and d['sam'].shape == (2, 2, 256, 256)
     assert (d['depth'] >= 0).all()  # ReLU head
     assert p.count.tolist() == [1, 1]  # dream() does not append
+
+
+def test_kv_cache_while_filling_equals_recomputation(setup):
+    """The first S steps reuse earlier frames' keys/values; the chunks equal the recomputing fast path
+    and full recomputation, and the cache is used exactly while the window fills (and after a reset)."""
+    s = setup[0].model.history
+    cached = make(setup, num_envs=1, fast=True, seed=5)
+    plain = make(setup, num_envs=1, fast=True, kv_cache=False, seed=5)
+    full = make(setup, num_envs=1, fast=False, seed=5)
+    instr = ['stack the blocks']
+    for t in range(2 * s + 2):
+        if t == s + 2:  # a new subtask: the cache fills again
+            for p in (cached, plain, full):
+                p.reset()
+        o = [obs(100 + t)]
+        for p in (cached, plain, full):
+            p.observe(o)
+        a, b, c = cached.chunks(instr), plain.chunks(instr), full.chunks(instr)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+    assert cached.kv_steps == 2 * s and plain.kv_steps == 0
+
+
+def test_cached_condition_equals_fast_condition(setup):
+    cfg, model = setup
+    rs = np.random.RandomState(1)
+    s, d = cfg.model.history, cfg.model.hidden
+    frames = jax.numpy.asarray(rs.randn(2, s, 3 + 2 * cfg.model.resampler.latents, d).astype(np.float32))
+    text = jax.numpy.asarray(rs.randn(2, d).astype(np.float32))
+    n_ctx = frames.shape[2] + 1
+    shape = (cfg.model.backbone.layers, 2, s * n_ctx, cfg.model.backbone.heads,
+             d // cfg.model.backbone.heads)
+    k, v = jax.numpy.zeros(shape), jax.numpy.zeros(shape)
+    for t in range(s):
+        step = jax.numpy.full((2,), t)
+        out, k, v = policy_lib.cached_action_condition(model, frames[:, t], text, step, k, v)
+        ref = policy_lib.fast_action_condition(model, frames[:, :t + 1], text, step)
+        for key in ref:
+            diff = np.abs(np.asarray(out[key]) - np.asarray(ref[key])).max()
+            assert diff <= 1e-5, (key, t, diff)

@@ -35,3 +35,10 @@ class GPT2Blocks(nnx.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                  rng: jax.Array | None = None) -> jax.Array:
         return self.ln_f(self.blocks(x, mask, rng=rng))
+
+    def cached(self, x: jax.Array, mask: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+               write_at: jax.Array, n_write: int):
+        """Inference on new tokens over cached keys/values of earlier ones (see ``layers.Stack.cached``).
+        Returns ``(hidden after ln_f, k_cache, v_cache)``."""
+        x, k_cache, v_cache = self.blocks.cached(x, k_cache, v_cache, write_at, n_write, mask)
+        return self.ln_f(x), k_cache, v_cache

@@ -123,6 +123,29 @@ class FusedAttention(nnx.Module):
                         implementation=self.implementation)
         return self.proj(out.reshape(b, t, w))
 
+    def cached(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, write_at: jax.Array,
+               n_write: int, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Attention of new tokens over a key/value cache (inference only, no dropout).
+
+        Args:
+          x: ``[B, n, W]`` new tokens; the keys/values of the first ``n_write`` are written into the
+            cache at position ``write_at[b]`` of each example, the rest are appended after the cache.
+          k_cache, v_cache: ``[B, Tc, H, D]``.
+          mask: boolean, broadcastable to ``[B, H, n, Tc + n - n_write]``.
+        Returns:
+          ``(out [B, n, W], k_cache, v_cache)`` with the new entries written.
+        """
+        b, t, w = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, self.heads, w // self.heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        put = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, axis=0))
+        k_cache = put(k_cache, k[:, :n_write].astype(k_cache.dtype), write_at)
+        v_cache = put(v_cache, v[:, :n_write].astype(v_cache.dtype), write_at)
+        keys = jnp.concatenate([k_cache.astype(k.dtype), k[:, n_write:]], axis=1)
+        values = jnp.concatenate([v_cache.astype(v.dtype), v[:, n_write:]], axis=1)
+        out = attention(q, keys, values, mask, implementation=self.implementation)
+        return self.proj(out.reshape(b, t, w)), k_cache, v_cache
+
 
 class Mlp(nnx.Module):
     def __init__(self, width: int, hidden: int, act: str, *, rngs: nnx.Rngs, bias: bool = True,
@@ -164,6 +187,12 @@ class Block(nnx.Module):
         x = x + dropout(self.attn(self.ln1(x), mask, r_attn), self.dropout_rate, r_res1)
         return x + dropout(self.mlp(self.ln2(x)), self.dropout_rate, r_res2)
 
+    def cached(self, x, k_cache, v_cache, write_at, n_write, mask):
+        """The block on new tokens with a key/value cache (see ``FusedAttention.cached``)."""
+        a, k_cache, v_cache = self.attn.cached(self.ln1(x), k_cache, v_cache, write_at, n_write, mask)
+        x = x + a
+        return x + self.mlp(self.ln2(x)), k_cache, v_cache
+
 
 class Stack(nnx.Module):
     """``num_layers`` identical layers created with ``nnx.vmap`` and applied with ``lax.scan``.
@@ -198,6 +227,19 @@ class Stack(nnx.Module):
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         x, _ = jax.lax.scan(body, x, (state, keys))
         return x
+
+    def cached(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *args):
+        """``layer.cached(x, k, v, *args)`` for each layer; caches carry the layer axis ``[L, B, Tc, H, D]``.
+        Returns ``(x, k_cache, v_cache)``."""
+        graphdef, state = nnx.split(self.layers)
+
+        def body(h, xs):
+            layer_state, kc, vc = xs
+            h, kc, vc = nnx.merge(graphdef, layer_state).cached(h, kc, vc, *args)
+            return h, (kc, vc)
+
+        x, (k_cache, v_cache) = jax.lax.scan(body, x, (state, k_cache, v_cache))
+        return x, k_cache, v_cache
 
 
 def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
