@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dreamvla_jax.cli import friendly_errors, load_config
+from dreamvla_jax import distributed
+from dreamvla_jax.cli import UsageError, friendly_errors, load_config
 
 # Config changes of each performance lever (``--compare``).
 VARIANTS = {
@@ -103,6 +104,10 @@ def bench_train(args) -> dict:
         config = apply_variant(base, name)
         if args.batch:
             config.train.batch_size = args.batch
+        try:
+            distributed.check_global_batch(config.train.batch_size)
+        except ValueError as e:
+            raise UsageError(f"{e} (or pass --batch)") from e
         mesh = shd.make_mesh(config)
         batch = fake_batch(config, config.train.batch_size)
         trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=100, total_steps=1000,
