@@ -55,9 +55,10 @@ def get_config(arg=None):
     m = c.model
     m.history = 2              # S: two frames are enough to see the arm's motion on these short tasks
     m.hidden = 128             # backbone / token width
-    # The text tower has no pretrained weights here: frozen random CLIP still separates the instructions.
-    # The vision encoder is trained (frozen random features lose the block/arm positions the tasks need).
-    m.freeze = ('text_encoder',)
+    # No pretrained weights exist here, so nothing is frozen: random CLIP features of 'push ... to the left'
+    # and '... to the right' have cosine 0.996 (one word apart), and frozen random MAE features lose the
+    # block/arm positions the tasks need. Both towers train with the rest.
+    m.freeze = ()
     m.text.update(width=32, layers=2, heads=2, mlp=64, proj_dim=32)
     m.vision.update(image_size=IMAGE, patch=PATCH, width=64, layers=2, heads=4, mlp=128,
                     dtype='float32', param_dtype='float32')

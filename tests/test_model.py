@@ -215,3 +215,21 @@ def test_sample_actions_shapes_and_env_decoding():
     env = dreamvla.to_env_actions(jnp.array([[0.1, -0.2, 0.3, 0.0, 0.5, -0.9, 0.7], [0, 0, 0, 0, 0, 0, 0.2]]))
     np.testing.assert_allclose(env[:, 6], [1.0, -1.0])
     np.testing.assert_allclose(env[0, :6], [0.1, -0.2, 0.3, 0.0, 0.5, -0.9])
+
+
+def test_text_tower_trains_only_when_not_frozen():
+    """Frozen (official): no gradient reaches CLIP. Left out of ``model.freeze`` (tabletop): it trains."""
+    grads = {}
+    for freeze in (('text_encoder', 'vision_encoder'), ('vision_encoder',)):
+        cfg = load_config('debug')
+        cfg.model.freeze = freeze
+        model = dreamvla.DreamVLA(cfg, rngs=nnx.Rngs(0))
+        text = nnx.state(model, nnx.All(nnx.Param, nnx.PathContains('text_encoder')))
+        graphdef, _, rest = nnx.split(model, nnx.All(nnx.Param, nnx.PathContains('text_encoder')), ...)
+        batch = fake_batch.fake_batch(cfg, 2)
+        _, g = jax.jit(lambda p, r, b, k: _loss_and_grad(cfg, graphdef, p, r, b, k))(
+            text, rest, batch, jax.random.key(0))
+        grads[freeze] = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g))
+    assert grads[('text_encoder', 'vision_encoder')] == 0.0
+    assert grads[('vision_encoder',)] > 0.0
+    assert 'text_encoder' in nnx.state(dreamvla.abstract_model(cfg), dreamvla.trainable_filter(cfg))

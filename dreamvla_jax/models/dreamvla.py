@@ -118,11 +118,18 @@ class DreamVLA(nnx.Module):
 
     # ------------------------------------------------------------------ encoders (per frame)
     def encode_text(self, inputs: dict) -> jax.Array:
-        """``[B, hidden]`` from ``text_embedding`` (cached, frozen) or ``text_tokens``."""
+        """``[B, hidden]`` from ``text_embedding`` (cached, frozen) or ``text_tokens``.
+
+        The CLIP text tower is frozen (official) unless ``'text_encoder'`` is left out of
+        ``config.model.freeze`` (the tabletop preset, which has no pretrained CLIP to start from).
+        """
         emb = inputs.get('text_embedding')
+        trained = emb is None and 'text_encoder' not in self.cfg.freeze
         if emb is None:
             emb, _ = self.text_encoder(inputs['text_tokens'])
-        return self.text_projector(jax.lax.stop_gradient(emb).astype(self.dtype))
+        if not trained:
+            emb = jax.lax.stop_gradient(emb)
+        return self.text_projector(emb.astype(self.dtype))
 
     def encode_frames(self, images: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Per-frame context tokens: ``images[cam]`` ``[B, T, size, size, 3]`` ->
