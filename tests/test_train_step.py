@@ -95,3 +95,26 @@ def test_optimizer_clips_and_decays_every_parameter():
     updates, _ = tx.update(grads, tx.init(params), params)
     # The zero-gradient LayerNorm-like parameter still decays (official: decay on all params).
     np.testing.assert_allclose(np.asarray(updates['ln']), -1e-4 * np.ones(2), rtol=1e-5)
+
+
+def test_checkpoint_round_trip_with_nothing_frozen(tmp_path):
+    """model.freeze = () (the tabletop preset): no 'frozen' item is written (Orbax refuses an empty one),
+    and resuming and loading for evaluation still work."""
+    from flax import nnx
+
+    from dreamvla_jax.training.checkpoint import Checkpointer, load_model_weights
+
+    cfg = load_config('debug')
+    state = {'params': {'w': jax.numpy.arange(3.0)}, 'step': jax.numpy.array(7)}
+    ck = Checkpointer(tmp_path / 'checkpoints', every=1, keep=2, async_save=False)
+    assert ck.save(7, state, nnx.State({}), {'epoch': 1}, cfg)
+    ck.wait()
+    assert not (tmp_path / 'checkpoints' / '7' / 'frozen').exists()
+    restored, frozen, data = ck.restore(7, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state),
+                                        nnx.State({}))
+    ck.close()
+    np.testing.assert_array_equal(restored['params']['w'], [0.0, 1.0, 2.0])
+    assert jax.tree.leaves(frozen) == [] and data == {'epoch': 1}
+    params, frozen_weights, config = load_model_weights(tmp_path)
+    np.testing.assert_array_equal(params['w'], [0.0, 1.0, 2.0])
+    assert frozen_weights == {} and config['model']['history'] == cfg.model.history

@@ -63,11 +63,12 @@ class Checkpointer:
             return False
         if step in self.manager.all_steps():
             return False
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), frozen=ocp.args.StandardSave(frozen),
-            data=ocp.args.JsonSave(data_state or {}), config=ocp.args.JsonSave(json.loads(config.to_json())),
-            meta=ocp.args.JsonSave({'format_version': FORMAT_VERSION, 'step': int(step)}))
-        return self.manager.save(step, args=args, force=True)
+        items = dict(state=ocp.args.StandardSave(state),
+                     data=ocp.args.JsonSave(data_state or {}), config=ocp.args.JsonSave(json.loads(config.to_json())),
+                     meta=ocp.args.JsonSave({'format_version': FORMAT_VERSION, 'step': int(step)}))
+        if jax.tree.leaves(frozen):  # Orbax refuses an empty item: nothing frozen (model.freeze = ()) saves none
+            items['frozen'] = ocp.args.StandardSave(frozen)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, abstract_state, abstract_frozen):
         """``(state, frozen, data_state)`` of ``step``, placed in the shardings of the abstract trees."""
@@ -75,10 +76,11 @@ class Checkpointer:
         if meta.get('format_version') != FORMAT_VERSION:
             raise ValueError(f"checkpoint {self.directory / str(step)} has format version "
                              f"{meta.get('format_version')}; this code reads version {FORMAT_VERSION}")
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), frozen=ocp.args.StandardRestore(abstract_frozen),
-            data=ocp.args.JsonRestore()))
-        return out['state'], out['frozen'], out['data']
+        items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+        if jax.tree.leaves(abstract_frozen):
+            items['frozen'] = ocp.args.StandardRestore(abstract_frozen)
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return out['state'], out['frozen'] if 'frozen' in items else abstract_frozen, out['data']
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -109,11 +111,13 @@ def load_model_weights(path: str | os.PathLike, step: int | None = None):
     meta = manager.item_metadata(step)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = lambda tree: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-    out = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target(meta['state'])), frozen=ocp.args.StandardRestore(target(meta['frozen'])),
-        config=ocp.args.JsonRestore()))
+    items = dict(state=ocp.args.StandardRestore(target(meta['state'])), config=ocp.args.JsonRestore())
+    if meta.get('frozen') is not None:  # absent when the run froze nothing
+        items['frozen'] = ocp.args.StandardRestore(target(meta['frozen']))
+    out = manager.restore(step, args=ocp.args.Composite(**items))
     manager.close()
-    return _unwrap_variables(out['state']['params']), _unwrap_variables(out['frozen']), out['config']
+    frozen = _unwrap_variables(out['frozen']) if 'frozen' in items else {}
+    return _unwrap_variables(out['state']['params']), frozen, out['config']
 
 
 def _unwrap_variables(tree):
