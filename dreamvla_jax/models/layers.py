@@ -194,8 +194,22 @@ class Block(nnx.Module):
         return x + self.mlp(self.ln2(x)), k_cache, v_cache
 
 
+def _unroll_scans() -> bool:
+    """Unroll the layer scans on a multi-device CPU backend (fake devices), keep ``lax.scan`` elsewhere.
+
+    XLA:CPU runs each device's program with a concurrent thunk executor that does not order a collective
+    inside a while loop (a sharded layer's all-gather) against one outside it, so two devices can wait in
+    different collectives forever (seen: 7 fake devices in an all-to-all, 1 in the scan's all-gather, on a
+    loaded 2-core machine). Without a while loop every collective is ordered. GPUs and TPUs, and CPU
+    programs outside a multi-device mesh (``jax.set_mesh``, as training and the benchmarks use), keep the
+    scan, whose compile time does not grow with depth.
+    """
+    return jax.default_backend() == 'cpu' and jax.sharding.get_abstract_mesh().size > 1
+
+
 class Stack(nnx.Module):
-    """``num_layers`` identical layers created with ``nnx.vmap`` and applied with ``lax.scan``.
+    """``num_layers`` identical layers created with ``nnx.vmap`` and applied with ``lax.scan`` (unrolled
+    inside a multi-device CPU mesh, see ``_unroll_scans``).
 
     Parameters carry a leading layer axis, so init and compile time do not grow with depth.
     ``remat`` names a rematerialisation policy for each layer ('none', 'full', 'dots_saveable').
@@ -225,7 +239,7 @@ class Stack(nnx.Module):
 
         if self.remat != 'none':
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, (state, keys))
+        x, _ = jax.lax.scan(body, x, (state, keys), unroll=_unroll_scans())
         return x
 
     def cached(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *args):
@@ -238,7 +252,7 @@ class Stack(nnx.Module):
             h, kc, vc = nnx.merge(graphdef, layer_state).cached(h, kc, vc, *args)
             return h, (kc, vc)
 
-        x, (k_cache, v_cache) = jax.lax.scan(body, x, (state, k_cache, v_cache))
+        x, (k_cache, v_cache) = jax.lax.scan(body, x, (state, k_cache, v_cache), unroll=_unroll_scans())
         return x, k_cache, v_cache
 
 

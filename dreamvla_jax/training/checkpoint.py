@@ -95,11 +95,16 @@ def abstract_with_shardings(tree, shardings):
 
 
 def load_model_weights(path: str | os.PathLike, step: int | None = None):
-    """``(params, frozen, config_dict)`` of a training checkpoint, as host numpy trees (for eval)."""
+    """``(params, frozen, config_dict)`` of a training checkpoint, as host numpy trees (for eval).
+
+    ``path``: a training workdir, its ``checkpoints`` folder (newest step unless ``step``) or one step's folder.
+    """
     ckpt_dir = Path(path)
     if not ckpt_dir.exists():
         raise FileNotFoundError(f"--checkpoint: no checkpoint directory at {ckpt_dir}")
     root = ckpt_dir / 'checkpoints' if (ckpt_dir / 'checkpoints').is_dir() else ckpt_dir
+    if step is None and ckpt_dir.name.isdigit() and (ckpt_dir / 'state').is_dir():
+        root, step = ckpt_dir.parent, int(ckpt_dir.name)  # one step's folder: <workdir>/checkpoints/<step>
     handlers = {'state': ocp.StandardCheckpointHandler(), 'frozen': ocp.StandardCheckpointHandler(),
                 **{name: ocp.JsonCheckpointHandler() for name in ('data', 'config', 'meta')}}
     manager = ocp.CheckpointManager(root.absolute(), item_names=ITEMS, item_handlers=handlers)
