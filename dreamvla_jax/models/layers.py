@@ -228,31 +228,33 @@ class Stack(nnx.Module):
             raise ValueError(f"unknown remat policy {remat!r}; use none or one of {sorted(REMAT_POLICIES)}")
         self.remat = remat
 
+    def _scan(self, step, x: jax.Array, xs: tuple, *, remat: bool = False):
+        """``lax.scan`` of ``step(layer, h, *per_layer) -> (h, out)`` over the stacked layers and ``xs``
+        (each with a leading layer axis); ``remat`` applies the stack's rematerialisation policy."""
+        graphdef, state = nnx.split(self.layers)
+
+        def body(h, per_layer):
+            layer_state, *rest = per_layer
+            return step(nnx.merge(graphdef, layer_state), h, *rest)
+
+        if remat and self.remat != 'none':
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        return jax.lax.scan(body, x, (state, *xs), unroll=_unroll_scans())
+
     def __call__(self, x: jax.Array, *args, rng: jax.Array | None = None) -> jax.Array:
         """Applies ``layer(x, *args, rng=key)`` for each layer in turn (one dropout key per layer)."""
-        graphdef, state = nnx.split(self.layers)
         keys = None if rng is None else jax.random.split(rng, self.num_layers)
-
-        def body(h, xs):
-            layer_state, key = xs
-            return nnx.merge(graphdef, layer_state)(h, *args, rng=key), None
-
-        if self.remat != 'none':
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, (state, keys), unroll=_unroll_scans())
+        x, _ = self._scan(lambda layer, h, key: (layer(h, *args, rng=key), None), x, (keys,), remat=True)
         return x
 
     def cached(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *args):
         """``layer.cached(x, k, v, *args)`` for each layer; caches carry the layer axis ``[L, B, Tc, H, D]``.
         Returns ``(x, k_cache, v_cache)``."""
-        graphdef, state = nnx.split(self.layers)
-
-        def body(h, xs):
-            layer_state, kc, vc = xs
-            h, kc, vc = nnx.merge(graphdef, layer_state).cached(h, kc, vc, *args)
+        def step(layer, h, kc, vc):
+            h, kc, vc = layer.cached(h, kc, vc, *args)
             return h, (kc, vc)
 
-        x, (k_cache, v_cache) = jax.lax.scan(body, x, (state, k_cache, v_cache), unroll=_unroll_scans())
+        x, (k_cache, v_cache) = self._scan(step, x, (k_cache, v_cache))
         return x, k_cache, v_cache
 
 
