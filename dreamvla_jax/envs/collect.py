@@ -58,7 +58,8 @@ def episode_frames(obs_list, actions) -> dict[str, np.ndarray]:
 
 
 def collect_episode(task: str, seed: int, split: str, index: int, max_steps: int = 120,
-                    extra_steps: int = 3, noise: float = 0.05, env: TabletopEnv | None = None) -> dict:
+                    extra_steps: int = 3, noise: float = 0.05, perturb: float = 0.0,
+                    env: TabletopEnv | None = None) -> dict:
     """One successful demo for slot ``index`` (tries up to ``MAX_ATTEMPTS`` seeds).
 
     Returns ``{'task', 'seed', 'attempts', 'frames' (or None if every attempt failed), 'success_step'}``.
@@ -67,7 +68,7 @@ def collect_episode(task: str, seed: int, split: str, index: int, max_steps: int
     for attempt in range(MAX_ATTEMPTS):
         ep_seed = episode_seed(seed, split, index, attempt)
         out = run_expert_episode(env, task, ep_seed, max_steps=max_steps, extra_steps=extra_steps,
-                                 noise=noise)
+                                 noise=noise, perturb=perturb)
         if out['success']:
             return {'task': task, 'seed': ep_seed, 'attempts': attempt + 1,
                     'success_step': out['success_step'], 'frames': episode_frames(out['obs'], out['actions'])}
@@ -86,7 +87,7 @@ def _collect_job(job):
 
 
 def collect(out: str | Path, episodes: int, val_episodes: int, tasks=None, seed: int = 0, workers: int = 1,
-            max_steps: int = 120, noise: float = 0.05, progress: bool = True) -> dict:
+            max_steps: int = 120, noise: float = 0.05, perturb: float = 0.0, progress: bool = True) -> dict:
     """Writes the ``out/training`` and ``out/validation`` CALVIN splits; returns (and saves) a summary.
 
     Episode ``i`` of a split runs task ``tasks[i % len(tasks)]``.
@@ -98,10 +99,10 @@ def collect(out: str | Path, episodes: int, val_episodes: int, tasks=None, seed:
     out = Path(out)
     sizes = {'training': episodes, 'validation': val_episodes}
     jobs = [dict(task=tasks[i % len(tasks)], seed=seed, split=split, index=i, max_steps=max_steps,
-                 noise=noise)
+                 noise=noise, perturb=perturb)
             for split, n in sizes.items() for i in range(n)]
     writers = {s: CalvinWriter(out / s) for s, n in sizes.items() if n}
-    summary = {'seed': seed, 'tasks': tasks, 'splits': {s: {'episodes': 0, 'frames': 0} for s in writers},
+    summary = {'seed': seed, 'noise': noise, 'perturb': perturb, 'tasks': tasks, 'splits': {s: {'episodes': 0, 'frames': 0} for s in writers},
                'per_task': {t: {'episodes': 0, 'attempts': 0, 'mean_len': 0.0} for t in tasks},
                'failed_slots': []}
     pool = mp.get_context('spawn').Pool(workers) if workers > 1 else None
@@ -148,10 +149,13 @@ def main(argv=None):
     parser.add_argument('--workers', type=int, default=1, help='parallel simulator processes')
     parser.add_argument('--max-steps', type=int, default=120, help='give an expert attempt up after this')
     parser.add_argument('--noise', type=float, default=0.05, help='expert action jitter (action units)')
+    parser.add_argument('--perturb', type=float, default=0.0,
+                        help='DART noise: std (action units) of perturbations executed on 30%% of move steps '
+                             'while the expert\'s own action is recorded (0: off)')
     args = parser.parse_args(argv)
     val = max(1, args.episodes // 10) if args.val_episodes is None else args.val_episodes
     summary = collect(args.out, args.episodes, val, tasks=args.tasks, seed=args.seed, workers=args.workers,
-                      max_steps=args.max_steps, noise=args.noise)
+                      max_steps=args.max_steps, noise=args.noise, perturb=args.perturb)
     for task, s in summary['per_task'].items():
         print(f"{task:28s} episodes {s['episodes']:4d}  mean length {s['mean_len']:5.1f}  "
               f"expert success {s['expert_success_rate']:.1%}")

@@ -160,39 +160,64 @@ class ScriptedExpert:
             self.phase_steps = 0
         action[:3] = np.clip(action[:3], -1.0, 1.0)
         action[6] = self.gripper
-        # Mirror the env's target update (including its workspace clipping) so our copy stays exact.
-        self.target = np.clip(self.target + action[:3] * MAX_REL_POS, TCP_BOUNDS_LO, TCP_BOUNDS_HI)
+        self._target_before = self.target
+        self.executed(action)
         self.phase_steps += 1
         return action
 
+    @property
+    def moving(self) -> bool:
+        """The current phase is a move (not a gripper hold): a perturbation there is corrected by the plan."""
+        return not self.done and isinstance(self.phases[self.phase], Move)
+
+    def executed(self, action) -> None:
+        """Record that ``action`` (not necessarily the one ``act`` returned) was sent to the env: mirror the
+        env's target update (including its workspace clipping) so our copy of the target stays exact."""
+        self.target = np.clip(self._target_before + np.asarray(action[:3]) * MAX_REL_POS,
+                              TCP_BOUNDS_LO, TCP_BOUNDS_HI)
+
 
 def run_expert_episode(env, task: str, seed: int, max_steps: int = 120, extra_steps: int = 3,
-                       noise: float = 0.05, record: bool = True):
+                       noise: float = 0.05, perturb: float = 0.0, perturb_prob: float = 0.3,
+                       record: bool = True):
     """Reset ``env`` to a seeded start state for ``task`` and roll out its expert until success.
 
     The episode continues for ``extra_steps`` after the oracle first reports success (so the final frames
     show the finished task), and gives up after ``max_steps``.
 
+    ``perturb`` > 0 injects noise DART-style (Laskey et al., 2017): with probability ``perturb_prob`` a step
+    of a move phase *executes* the expert's action plus Gaussian noise of std ``perturb`` on the position
+    part, while the *recorded* action stays the expert's own. The expert corrects from where the arm really
+    went, so the demonstrations show recoveries from the small drifts a learned policy makes in closed loop.
+
     Returns:
       dict with ``success`` (bool), ``steps`` (actions taken), ``success_step`` (index of the first
-      successful step or None) and, if ``record``, ``obs`` (T+1 observations) and ``actions`` (T actions).
+      successful step or None) and, if ``record``, ``obs`` (T+1 observations), ``actions`` (T expert actions,
+      the labels) and ``executed`` (the T actions sent to the env; equal to ``actions`` without ``perturb``).
     """
     obs = env.reset(seed=seed, task=task)
     expert = ScriptedExpert(env, task, seed=seed, noise=noise)
+    kick = np.random.default_rng(None if seed is None else (seed, 1))
     start_info = env.get_info()
-    observations, actions = [obs], []
+    observations, actions, executed = [obs], [], []
     success_step = None
     for t in range(max_steps):
         action = expert.act(obs)
-        obs, _, _, info = env.step(action)
+        sent = action
+        if perturb > 0 and expert.moving and kick.random() < perturb_prob:
+            sent = action.copy()
+            sent[:3] = np.clip(action[:3] + kick.normal(0.0, perturb, 3), -1.0, 1.0)
+            expert.executed(sent)
+        obs, _, _, info = env.step(sent)
         if record:
             observations.append(obs)
             actions.append(action)
+            executed.append(sent)
         if success_step is None and env.tasks.get_task_info_for_set(start_info, info, {task}):
             success_step = t
         if success_step is not None and t >= success_step + extra_steps:
             break
     out = {'success': success_step is not None, 'steps': t + 1, 'success_step': success_step}
     if record:
-        out.update(obs=observations, actions=actions)
+        out.update(obs=observations, actions=actions, executed=executed)
     return out

@@ -76,12 +76,14 @@ REST_JOINTS = [0.0, -0.25, 0.0, -2.3, 0.0, 2.05, np.pi / 4]
 # TCP frame = grasp frame turned by pi about x (see module docstring).
 TCP_IN_GRASP = pybullet.getQuaternionFromEuler([np.pi, 0.0, 0.0])
 
-# Cameras: CALVIN's resolutions; pose/fov chosen so the whole work area fills the static image.
+# Cameras: CALVIN's resolutions. The static pose/fov frame the object area (x 0.40-0.62, y +-0.20) tightly,
+# with the hovering hand at the top edge: a 4.5 cm block is ~6 px wide at the policy's 64 px (~3 px with the
+# wider view this replaced), which is what the small from-scratch vision tower needs to localise it.
 STATIC_SIZE = 200
 GRIPPER_SIZE = 84
-STATIC_EYE = (1.15, 0.0, 0.80)
-STATIC_TARGET = (0.40, 0.0, 0.04)
-STATIC_FOV = 40.0
+STATIC_EYE = (1.05, 0.0, 0.75)
+STATIC_TARGET = (0.48, 0.0, 0.03)
+STATIC_FOV = 34.0
 STATIC_NEAR, STATIC_FAR = 0.4, 2.0
 GRIPPER_FOV = 75.0           # calvin_env's gripper camera
 GRIPPER_NEAR, GRIPPER_FAR = 0.01, 1.0

@@ -135,12 +135,16 @@ class DreamVLA(nnx.Module):
         """Per-frame context tokens: ``images[cam]`` ``[B, T, size, size, 3]`` ->
         ``{'latents_<cam>': [B, T, latents, hidden], 'cls_<cam>': [B, T, hidden]}``.
 
-        Position-free and per frame, so the policy caches it frame by frame.
+        Position-free and per frame, so the policy caches it frame by frame. The MAE ViT is frozen
+        (official) unless ``'vision_encoder'`` is left out of ``config.model.freeze`` (the tabletop preset).
         """
         cams = self.cfg.cameras
         b, t = images[cams[0]].shape[:2]
         flat = jnp.concatenate([images[c].reshape((b * t,) + images[c].shape[2:]) for c in cams])
-        tokens = jax.lax.stop_gradient(self.vision_encoder(flat)).astype(self.dtype)
+        tokens = self.vision_encoder(flat)
+        if 'vision_encoder' in self.cfg.freeze:
+            tokens = jax.lax.stop_gradient(tokens)
+        tokens = tokens.astype(self.dtype)
         latents = self.resampler(tokens[:, 1:])
         out = {}
         for i, cam in enumerate(cams):
