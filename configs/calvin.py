@@ -71,6 +71,7 @@ def model_config(preset='default'):
     v = m.vision = ml_collections.ConfigDict()
     v.image_size = 224
     v.patch = 16
+    v.stem = 'patch'           # 'patch' (MAE's linear patch embedding) | 'conv' (3x3 stride-2 convs, from scratch)
     v.width = 768
     v.layers = 12
     v.heads = 12

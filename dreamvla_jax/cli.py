@@ -59,6 +59,20 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
     return config
 
 
+def check_override_keys(config: ml_collections.ConfigDict, argv: list[str]) -> None:
+    """One sentence for a ``--config.a.b[=value]`` naming a field the config lacks (absl's config_flags
+    would raise a bare AttributeError traceback from inside flag parsing)."""
+    for arg in argv:
+        if not arg.startswith('--config.'):
+            continue
+        key = arg[len('--config.'):].partition('=')[0]
+        node, parts = config, key.split('.')
+        for i, name in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+                raise UsageError(f"--config.{key}: the config has no field {'.'.join(parts[:i + 1])!r}")
+            node = node[name]
+
+
 def _config_arg(argv: list[str]) -> str | None:
     for i, a in enumerate(argv):
         if a.startswith('--config='):
@@ -76,7 +90,8 @@ def run(main) -> None:
     spec = _config_arg(sys.argv[1:])
     if spec is not None and not os.environ.get('DREAMVLA_DEBUG'):
         try:
-            load_config(spec)
+            config = load_config(spec)
+            check_override_keys(config, sys.argv[1:])
         except Exception as e:  # noqa: BLE001 - any failure here is the config file's fault
             msg = e.args[0] if e.args else repr(e)
             prefix = '' if isinstance(e, UsageError) else f"--config {spec}: "

@@ -34,6 +34,9 @@ FAKE_DEVICES = 8
 TASK_KEYS = ('success', 'random', 'mean_action', 'episodes')
 
 
+DEFAULT_EPISODES = 300
+
+
 @dataclass(frozen=True)
 class Plan:
     """What the demo runs. ``estimate_min`` are rough minutes per stage on 2 CPU cores (measured)."""
@@ -47,23 +50,25 @@ class Plan:
     max_steps: int           # evaluation steps per episode
     media_episodes: int      # evaluation episodes recorded as videos with dream panels
     workers: int             # simulator processes (collection, evaluation)
+    perturb: float = 0.3     # DART noise of the scripted experts (collect --perturb)
 
 
 def make_plan(args) -> Plan:
     if args.quick:
         return Plan(episodes=args.episodes or 6, val_episodes=0, preset='quick', steps=args.steps or 0,
                     minutes=args.minutes or 0.0, eval_episodes=args.eval_episodes or 1, max_steps=20,
-                    media_episodes=1, workers=args.workers)
-    return Plan(episodes=args.episodes or 180, val_episodes=6, preset='default', steps=args.steps or 0,
+                    media_episodes=1, workers=args.workers, perturb=args.perturb)
+    return Plan(episodes=args.episodes or DEFAULT_EPISODES, val_episodes=6, preset='default', steps=args.steps or 0,
                 minutes=args.minutes if args.minutes is not None else 22.0,
-                eval_episodes=args.eval_episodes or 10, max_steps=120, media_episodes=2, workers=args.workers)
+                eval_episodes=args.eval_episodes or 10, max_steps=120, media_episodes=2, workers=args.workers,
+                perturb=args.perturb)
 
 
 def estimate_minutes(plan: Plan) -> dict[str, float]:
     """Rough stage durations on 2 CPU cores (from the measurements in configs/tabletop.py)."""
     if plan.preset == 'quick':
         return {'collect': 0.3, 'teachers': 0.5, 'train': 1.0, 'evaluate': 0.7, 'report': 0.1}
-    return {'collect': 3.5 * plan.episodes / 180, 'teachers': 6.0 * plan.episodes / 180,
+    return {'collect': 1.6 * plan.episodes / 300, 'teachers': 3.6 * plan.episodes / 300,
             'train': plan.minutes + 1.5, 'evaluate': 4.5 * plan.eval_episodes / 10, 'report': 0.2}
 
 
@@ -96,7 +101,8 @@ def stage_collect(plan: Plan, work: Path) -> None:
     for split in ('training', 'validation'):  # a killed collection leaves partial splits: start again
         shutil.rmtree(data / split, ignore_errors=True)
     _run([sys.executable, '-m', 'dreamvla_jax.envs.collect', '--out', str(data), '--episodes',
-          str(plan.episodes), '--val-episodes', str(plan.val_episodes), '--workers', str(plan.workers)],
+          str(plan.episodes), '--val-episodes', str(plan.val_episodes), '--workers', str(plan.workers),
+          '--perturb', str(plan.perturb)],
          'collect')
 
 
@@ -256,6 +262,7 @@ def stage_report(plan: Plan, work: Path, timings: dict) -> dict:
     curves = plot_losses(metrics, work / 'losses.png')
     video, panels = _pick_media(work / 'eval' / 'media')
     info = {'config': f'configs/tabletop.py:{plan.preset}', 'demonstrations': plan.episodes,
+            'expert DART noise': plan.perturb,
             'training steps': metrics[-1]['step'] if metrics else 0,
             'final loss': f"{metrics[-1]['loss']:.4f}" if metrics else 'n/a',
             'episodes_per_task': plan.eval_episodes, 'action execution': config.eval.execute,
@@ -279,11 +286,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog="Rerun the same command to continue; delete a stage's output to redo it.")
     p.add_argument('--workdir', default='runs/demo', help='everything goes here (default runs/demo)')
     p.add_argument('--minutes', type=float, default=None, help='training wall-clock bound (default 22)')
-    p.add_argument('--episodes', type=int, default=None, help='demonstrations to collect (default 180)')
+    p.add_argument('--episodes', type=int, default=None,
+                   help=f'demonstrations to collect (default {DEFAULT_EPISODES})')
     p.add_argument('--steps', type=int, default=None, help='training steps (default: the preset\'s)')
     p.add_argument('--eval-episodes', type=int, default=None,
                    help='evaluation episodes per task (default 10)')
     p.add_argument('--workers', type=int, default=2, help='simulator processes (default 2)')
+    p.add_argument('--perturb', type=float, default=0.3,
+                   help='DART noise of the scripted experts, in action units (default 0.3; 0: off)')
     p.add_argument('--quick', action='store_true', help='a tiny run (minutes) that exercises every stage')
     return p.parse_args(argv)
 

@@ -34,3 +34,21 @@ def test_eval_takes_config_overrides_and_rejects_other_flags(capsys):
     with pytest.raises(SystemExit):
         eval_cli.parse_args(['--bogus'])
     assert 'unrecognized arguments: --bogus' in capsys.readouterr().err
+
+
+def test_train_unknown_override_is_one_sentence():
+    """absl's config_flags raises a bare AttributeError for an unknown field; `train` checks the keys first."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dreamvla_jax.cli import check_override_keys
+
+    check_override_keys(load_config('debug'), ['--config.train.lr=1', '--config.model.vision.stem', 'conv'])
+    with pytest.raises(UsageError, match=r"--config\.model\.vision\.nosuch: the config has no field"):
+        check_override_keys(load_config('debug'), ['--workdir=x', '--config.model.vision.nosuch=conv'])
+    r = subprocess.run([sys.executable, '-m', 'dreamvla_jax.train', '--config', 'configs/calvin.py:debug',
+                        '--workdir', 'unused', '--config.train.nosuch=1'],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr
+    assert r.stderr.strip() == "error: --config.train.nosuch: the config has no field 'train.nosuch'"

@@ -236,3 +236,33 @@ def test_tower_trains_only_when_not_frozen(tower):
     assert grads[2] == 0.0
     assert grads[1] > 0.0      # every parameter of the tower gets a gradient
     assert tower in nnx.state(dreamvla.abstract_model(cfg), dreamvla.trainable_filter(cfg))
+
+
+def test_conv_stem_keeps_the_token_layout_and_sees_locally():
+    """``model.vision.stem='conv'``: same [N, 1 + grid^2, width] tokens as the patch embedding; a pixel change
+    reaches only the tokens whose receptive field holds it (before the transformer blocks mix them); the
+    checkpoint loader maps the stem's list (Orbax stores its int keys as strings)."""
+    from dreamvla_jax.models.mae_vit import MAEViT
+    from dreamvla_jax.training.checkpoint import _fill
+
+    cfg = load_config('debug')
+    cfg.model.vision.stem = 'conv'
+    vit = MAEViT(cfg.model.vision, rngs=nnx.Rngs(0))
+    size, grid, width = cfg.model.vision.image_size, cfg.model.vision.image_size // cfg.model.vision.patch, \
+        cfg.model.vision.width
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    assert vit(x).shape == (2, 1 + grid * grid, width)
+    stem = vit.conv_stem(x)
+    assert stem.shape == (2, grid, grid, width)
+    y = x.at[:, -1, -1].add(5.0)               # bottom-right pixel
+    changed = np.abs(np.asarray(vit.conv_stem(y) - stem)).max(axis=(0, 3)) > 1e-6
+    assert changed[-1, -1] and changed.sum() == 1
+    pure = nnx.state(vit, nnx.Param).to_pure_dict()
+    saved = jax.tree.map(np.asarray, pure)
+    saved['conv_stem']['convs'] = {str(k): v for k, v in saved['conv_stem']['convs'].items()}
+    target = jax.tree.map(np.zeros_like, pure)
+    assert _fill(target, saved, 'ckpt') == []
+    jax.tree.map(np.testing.assert_array_equal, target, jax.tree.map(np.asarray, pure))
+    cfg.model.vision.stem = 'nope'
+    with pytest.raises(ValueError, match="stem must be 'patch' or 'conv'"):
+        MAEViT(cfg.model.vision, rngs=nnx.Rngs(0))

@@ -123,3 +123,5 @@ def test_checkpoint_round_trip_with_nothing_frozen(tmp_path):
     assert frozen_weights == {} and config['model']['history'] == cfg.model.history
     params, _, _ = load_model_weights(tmp_path / 'checkpoints' / '7')  # one step's folder works too
     np.testing.assert_array_equal(params['w'], [0.0, 1.0, 2.0])
+    with pytest.raises(FileNotFoundError, match=r'has no step 8 \(it has steps \[7\]\)'):
+        load_model_weights(tmp_path, step=8)

@@ -102,7 +102,8 @@ def collect(out: str | Path, episodes: int, val_episodes: int, tasks=None, seed:
                  noise=noise, perturb=perturb)
             for split, n in sizes.items() for i in range(n)]
     writers = {s: CalvinWriter(out / s) for s, n in sizes.items() if n}
-    summary = {'seed': seed, 'noise': noise, 'perturb': perturb, 'tasks': tasks, 'splits': {s: {'episodes': 0, 'frames': 0} for s in writers},
+    summary = {'seed': seed, 'noise': noise, 'perturb': perturb, 'tasks': tasks,
+               'splits': {s: {'episodes': 0, 'frames': 0} for s in writers},
                'per_task': {t: {'episodes': 0, 'attempts': 0, 'mean_len': 0.0} for t in tasks},
                'failed_slots': []}
     pool = mp.get_context('spawn').Pool(workers) if workers > 1 else None

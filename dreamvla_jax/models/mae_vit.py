@@ -30,8 +30,14 @@ class MAEViT(nnx.Module):
         self.image_size, self.patch, self.width = cfg.image_size, cfg.patch, cfg.width
         self.grid = cfg.image_size // cfg.patch
         self.dtype = dtype
-        self.patch_embed = layers.linear(cfg.patch * cfg.patch * 3, cfg.width, rngs=rngs, dtype=dtype,
-                                         param_dtype=param_dtype)
+        self.stem = cfg.get('stem', 'patch')
+        if self.stem == 'patch':
+            self.patch_embed = layers.linear(cfg.patch * cfg.patch * 3, cfg.width, rngs=rngs, dtype=dtype,
+                                             param_dtype=param_dtype)
+        elif self.stem == 'conv':
+            self.conv_stem = ConvStem(cfg.patch, cfg.width, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        else:
+            raise ValueError(f"model.vision.stem must be 'patch' or 'conv', got {self.stem!r}")
         self.cls_token = nnx.Param(
             nnx.initializers.normal(0.02)(rngs.params(), (1, 1, cfg.width), param_dtype))
 
@@ -53,7 +59,37 @@ class MAEViT(nnx.Module):
             raise ValueError(f"MAEViT expects {self.image_size}x{self.image_size} images, got {h}x{w}")
         # A trace-time constant: the fixed table is not a parameter (SPEC section 10 excludes it).
         pos = jnp.asarray(layers.sincos_2d(self.width, self.grid, self.grid), self.dtype)
-        x = self.patch_embed(patchify(images.astype(self.dtype), self.patch)) + pos
+        if self.stem == 'patch':
+            x = self.patch_embed(patchify(images.astype(self.dtype), self.patch))
+        else:
+            x = self.conv_stem(images.astype(self.dtype)).reshape(n, self.grid * self.grid, self.width)
+        x = x + pos
         cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype), (n, 1, self.width))
         x = jnp.concatenate([cls, x], axis=1)
         return self.norm(self.blocks(x))
+
+
+class ConvStem(nnx.Module):
+    """A convolutional stem in place of the patch embedding (Xiao et al. 2021, "Early convolutions help
+    transformers see better"): log2(patch) 3x3 stride-2 convolutions with GELU, channels doubling up to
+    ``width``, then a 1x1 projection, giving the same ``grid x grid`` token layout. Optional
+    (``model.vision.stem = 'conv'``) for towers trained from scratch on little data (the tabletop preset);
+    pretrained MAE weights need the default ``'patch'``."""
+
+    def __init__(self, patch: int, width: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+        stages = patch.bit_length() - 1
+        if patch != 2 ** stages:
+            raise ValueError(f"model.vision.stem='conv' needs a power-of-two patch, got {patch}")
+        chans = [max(width // 2 ** (stages - i), 8) for i in range(1, stages + 1)]
+        self.convs = nnx.List([
+            nnx.Conv(c_in, c_out, (3, 3), strides=(2, 2), padding='SAME', rngs=rngs, dtype=dtype,
+                     param_dtype=param_dtype)
+            for c_in, c_out in zip([3] + chans[:-1], chans, strict=True)])
+        self.proj = layers.linear(chans[-1], width, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """``[N, H, W, 3]`` -> ``[N, H / patch, W / patch, width]``."""
+        x = images
+        for conv in self.convs:
+            x = jax.nn.gelu(conv(x), approximate=False)
+        return self.proj(x)

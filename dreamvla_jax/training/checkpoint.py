@@ -111,6 +111,9 @@ def load_model_weights(path: str | os.PathLike, step: int | None = None):
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"--checkpoint: {root} holds no checkpoint")
+    if step not in manager.all_steps():
+        raise FileNotFoundError(f"--checkpoint: {root} has no step {step} (it has steps "
+                                f"{sorted(manager.all_steps())})")
     # Restore onto this process's first device whatever mesh wrote the checkpoint (a run on 8 devices
     # is evaluated on 1): the saved shardings would need the writer's topology.
     meta = manager.item_metadata(step)
@@ -142,10 +145,11 @@ def _fill(pure: dict, loaded: dict, where: str) -> list[str]:
 
     missing = []
     for name, sub in pure.items():
-        if name not in loaded:
+        key = name if name in loaded else str(name)  # Orbax stores the int keys of nnx.List as strings
+        if key not in loaded:
             missing.append(name)
             continue
-        src, dst = loaded[name], sub
+        src, dst = loaded[key], sub
         if isinstance(dst, dict):
             if not isinstance(src, dict):
                 raise ValueError(f"{where}: '{name}' is a tensor in the checkpoint but a module in the model")
