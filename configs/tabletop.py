@@ -16,7 +16,9 @@ Presets (``--config configs/tabletop.py[:preset]``):
             ~3400 steps in the demo's 22 minutes. Closed-loop success, 10 episodes per task, 120 steps (random /
             mean-action: 0.0% / 1.7% mean), one checkpoint (step 3372): executing the ensembled chunks (this
             preset) 31.7% mean (lift 70, push left 50, push right 50, place 0, stack 0, button 20); the
-            first action only 25.0%; first action with guidance 1.0 instead of 1.5: 21.7%. See README
+            first action only 25.0%; first action with guidance 1.0 instead of 1.5: 21.7%. A second run
+            (`python -m dreamvla_jax.demo`, 3300 steps, ensemble): 25.0% (lift 50, push left 40, push right 60,
+            place 0, stack 0, button 0). See README
             ("Honest status") for the runs before this preset and what each change did.
   quick     The same structure at 32 px with one layer per stack, 20 steps (the demo's `--quick` run).
 

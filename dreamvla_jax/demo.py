@@ -69,7 +69,7 @@ def estimate_minutes(plan: Plan) -> dict[str, float]:
     if plan.preset == 'quick':
         return {'collect': 0.3, 'teachers': 0.5, 'train': 1.0, 'evaluate': 0.7, 'report': 0.1}
     return {'collect': 1.6 * plan.episodes / 300, 'teachers': 3.6 * plan.episodes / 300,
-            'train': plan.minutes + 1.5, 'evaluate': 4.5 * plan.eval_episodes / 10, 'report': 0.2}
+            'train': plan.minutes + 1.5, 'evaluate': 3.0 * plan.eval_episodes / 10, 'report': 0.2}
 
 
 # ----------------------------------------------------------------------------------------------------------
