@@ -40,14 +40,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
         key, sep, raw = arg[len('--config.'):].partition('=') if arg.startswith('--config.') else ('', '', '')
         if not key or not sep:
             raise UsageError(f"unrecognized argument {arg!r} (config overrides look like --config.train.lr=1e-4)")
-        *parents, leaf = key.split('.')
-        node = config
-        for i, name in enumerate(parents):
-            if name not in node:
-                raise UsageError(f"--config.{key}: the config has no field {'.'.join(parents[:i + 1])!r}")
-            node = node[name]
-        if leaf not in node:
-            raise UsageError(f"--config.{key}: the config has no field {key!r}")
+        node, leaf = _field(config, key)
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -59,18 +52,24 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
     return config
 
 
+def _field(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+    """``(parent node, leaf name)`` of the dotted field ``key``; one sentence if the config lacks a part."""
+    parts = key.split('.')
+    node = config
+    for i, name in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+            raise UsageError(f"--config.{key}: the config has no field {'.'.join(parts[:i + 1])!r}")
+        if i < len(parts) - 1:
+            node = node[name]
+    return node, parts[-1]
+
+
 def check_override_keys(config: ml_collections.ConfigDict, argv: list[str]) -> None:
     """One sentence for a ``--config.a.b[=value]`` naming a field the config lacks (absl's config_flags
     would raise a bare AttributeError traceback from inside flag parsing)."""
     for arg in argv:
-        if not arg.startswith('--config.'):
-            continue
-        key = arg[len('--config.'):].partition('=')[0]
-        node, parts = config, key.split('.')
-        for i, name in enumerate(parts):
-            if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-                raise UsageError(f"--config.{key}: the config has no field {'.'.join(parts[:i + 1])!r}")
-            node = node[name]
+        if arg.startswith('--config.'):
+            _field(config, arg[len('--config.'):].partition('=')[0])
 
 
 def _config_arg(argv: list[str]) -> str | None:

@@ -64,6 +64,7 @@ class ScriptedExpert:
         info = env.get_info()
         # The env's target pose starts at the measured TCP on reset; from then on we integrate our commands.
         self.target = np.asarray(info['target_pos'], np.float64).copy()
+        self._target_before = self.target    # the target before the last action (see ``executed``)
         self.speed = self.rng.uniform(0.8, 1.0)
         self.phases = self._plan(info)
         self.phase = 0
