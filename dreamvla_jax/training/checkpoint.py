@@ -108,12 +108,12 @@ def load_model_weights(path: str | os.PathLike, step: int | None = None):
     handlers = {'state': ocp.StandardCheckpointHandler(), 'frozen': ocp.StandardCheckpointHandler(),
                 **{name: ocp.JsonCheckpointHandler() for name in ('data', 'config', 'meta')}}
     manager = ocp.CheckpointManager(root.absolute(), item_names=ITEMS, item_handlers=handlers)
-    step = manager.latest_step() if step is None else step
-    if step is None:
+    steps = sorted(manager.all_steps())  # one listing of the folder serves both checks
+    if not steps:
         raise FileNotFoundError(f"--checkpoint: {root} holds no checkpoint")
-    if step not in manager.all_steps():
-        raise FileNotFoundError(f"--checkpoint: {root} has no step {step} (it has steps "
-                                f"{sorted(manager.all_steps())})")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"--checkpoint: {root} has no step {step} (it has steps {steps})")
     # Restore onto this process's first device whatever mesh wrote the checkpoint (a run on 8 devices
     # is evaluated on 1): the saved shardings would need the writer's topology.
     meta = manager.item_metadata(step)
