@@ -11,15 +11,18 @@ Presets (``--config configs/tabletop.py[:preset]``):
               XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m dreamvla_jax.train \
                   --config configs/tabletop.py --workdir runs/demo/train \
                   --config.data.root=runs/demo/data --config.data.features=runs/demo/data/features \
-                  --config.train.time_limit_s=1320
-            Measured on 2 CPU cores, 300 demonstrations with DART noise 0.3, 8 fake devices: ~0.37 s per step,
-            ~3400 steps in the demo's 22 minutes. Closed-loop success, 10 episodes per task, 120 steps (random /
-            mean-action: 0.0% / 1.7% mean), one checkpoint (step 3372): executing the ensembled chunks (this
-            preset) 31.7% mean (lift 70, push left 50, push right 50, place 0, stack 0, button 20); the
-            first action only 25.0%; first action with guidance 1.0 instead of 1.5: 21.7%. A second run
-            (`python -m dreamvla_jax.demo`, 3300 steps, ensemble): 25.0% (lift 50, push left 40, push right 60,
-            place 0, stack 0, button 0). See README
-            ("Honest status") for the runs before this preset and what each change did.
+                  --config.train.time_limit_s=1560
+            Measured on 2 CPU cores, 8 fake devices: ~0.39 s per step, the 4000 steps in ~26 minutes (the demo's
+            bound). Closed-loop success, 10 episodes per task, 120 steps, ensembled chunks (random / mean-action:
+            0.0% / 1.7% mean):
+              900 demonstrations with DART noise 0.3 (the demo's default), 4000 steps: 48.3% mean (lift 80,
+              push left 80, push right 80, place 30, stack 10, button 10).
+              300 demonstrations, ~3400 steps: 25.0-31.7% (two runs; place and stack 0): the number of scenes
+              seen, not the steps, was the limit (the action loss plateaus at ~0.055 either way).
+              300 demonstrations with 16 resampler latents (the official count) instead of 4, 3800 steps:
+              13.3% (one run; not adopted).
+            The first action only instead of the ensemble: 25.0% vs 31.7% on one 300-demonstration checkpoint.
+            See README ("Honest status") for the runs before this preset and what each change did.
   quick     The same structure at 32 px with one layer per stack, 20 steps (the demo's `--quick` run).
 
 The whole pipeline (collect -> teachers -> train -> evaluate -> report) is ``python -m dreamvla_jax.demo``.
@@ -95,8 +98,8 @@ def get_config(arg=None):
     d.workers = 1              # one Grain process reads windows while the step runs (~0.3 s/batch)
 
     t = c.train
-    # ~350 steps per epoch on the demo's 300 episodes; the cosine decay ends at train.steps (~3400 of them fit
-    # the demo's 22 minutes).
+    # ~990 steps per epoch on the demo's 900 episodes (~4 epochs); the cosine decay ends at train.steps, which
+    # fit the demo's 26 minutes at ~0.39 s per step.
     t.update(batch_size=32, steps=4000, lr=1e-3, warmup_epochs=0.25, schedule='cosine', weight_decay=1e-4,
              clip=1.0, log_every=25)
     t.time_limit_s = 0.0       # > 0: stop (with a checkpoint) once training has run this many seconds
