@@ -42,7 +42,7 @@ DEFAULT_MINUTES = 26.0  # training bound: the preset's 4000-step cosine schedule
 
 @dataclass(frozen=True)
 class Plan:
-    """What the demo runs. ``estimate_min`` are rough minutes per stage on 2 CPU cores (measured)."""
+    """What the demo runs (``estimate_minutes`` gives its rough duration per stage)."""
 
     episodes: int            # training demonstrations (tasks cycled)
     val_episodes: int        # validation demonstrations (not used by the demo's closed-loop evaluation)
@@ -53,7 +53,7 @@ class Plan:
     max_steps: int           # evaluation steps per episode
     media_episodes: int      # evaluation episodes recorded as videos with dream panels
     workers: int             # simulator processes (collection, evaluation)
-    perturb: float = 0.3     # DART noise of the scripted experts (collect --perturb)
+    perturb: float           # DART noise of the scripted experts (collect --perturb)
 
 
 def make_plan(args) -> Plan:
@@ -68,7 +68,8 @@ def make_plan(args) -> Plan:
 
 
 def estimate_minutes(plan: Plan) -> dict[str, float]:
-    """Rough stage durations on 2 CPU cores (from the measurements in configs/tabletop.py)."""
+    """Rough stage durations on 2 CPU cores, measured: 900 demonstrations collected in 4.5 min and their
+    teacher targets in 3.2 min; training is bounded by ``plan.minutes`` (+ start-up and compile)."""
     if plan.preset == 'quick':
         return {'collect': 0.3, 'teachers': 0.5, 'train': 1.0, 'evaluate': 0.7, 'report': 0.1}
     return {'collect': 1.5 * plan.episodes / 300, 'teachers': 1.1 * plan.episodes / 300,
