@@ -76,8 +76,9 @@ def get_config(arg=None):
         m.dream[name].update(queries_per_camera=2, query_grid=(1, 2))
     m.dream.rgb.update(mask_grid=grid, out_dim=PATCH * PATCH * 3)
     m.dream.depth.update(mask_grid=grid, out_dim=PATCH * PATCH)
-    # SAM: the feature store keeps the teachers' 16x16x256 map; this head decodes it average-pooled to the
-    # 8x8 patch grid (256 -> 64 mask tokens per camera: ~40% less compute per step). DINOv2 stays off.
+    # SAM: this head decodes the teachers' 16x16x256 map average-pooled to the 8x8 patch grid (256 -> 64 mask
+    # tokens per camera: ~40% less compute per step); teachers run with this config store it pooled (4x less
+    # disk). DINOv2 stays off.
     m.dream.sam.mask_grid = grid
     m.dream.dino.enabled = False
     m.action.chunk = 3         # official chunk of 3 actions

@@ -229,3 +229,18 @@ def test_store_with_other_motion_settings_is_refused(env):
     c.data.features = env[1]['debug']                 # no DINOv2 field, and image size 32
     with pytest.raises(DataError, match='image_size 32'):
         pipeline.make_iterator(c, process_index=0, process_count=1)
+
+
+def test_store_coarser_than_a_feature_head_is_refused(env, tmp_path):
+    tmp, _ = env
+    c = config_for(env)
+    c.data.features = str(tmp_path / 'coarse')
+    precompute.run(precompute.Options(
+        data=str(tmp / 'calvin'), out=c.data.features, teachers=('motion', 'sam'), image_size=32,
+        grid=c.data.motion.grid, gap=c.data.motion.gap, random_init=True, teacher_scale='tiny', sam_grid=4,
+        shard_size=32, progress=False))
+    with pytest.raises(DataError, match=r'keeps sam at 4x4, which config.model.dream.sam.mask_grid \(16, 16\)'):
+        pipeline.make_iterator(c, process_index=0, process_count=1)
+    c.model.dream.sam.mask_grid = (2, 2)              # a head decoding a coarser grid reads it, pooled
+    batch = next(pipeline.make_iterator(c, process_index=0, process_count=1))
+    assert batch['sam'].shape[3:] == (4, 4, 256)

@@ -106,6 +106,27 @@ def test_store_contents_and_manifest(data, tmp_path):
     np.testing.assert_array_equal(store.get(fid)['sam'], rec['sam'])
 
 
+def test_feature_grid_stores_the_pooled_map(data, tmp_path):
+    """``--feature-grid 8`` keeps SAM / DINOv2 average-pooled to 8x8: the 16x16 store's maps, pooled (4x less
+    disk)."""
+    full, pooled = tmp_path / 'full', tmp_path / 'pooled'
+    assert cli.main(_args(data, full, '--teachers', 'sam,dinov2')) == 0
+    assert cli.main(_args(data, pooled, '--teachers', 'sam,dinov2', '--feature-grid', '8')) == 0
+    m = json.loads((pooled / 'manifest.json').read_text())
+    assert m['fields'] == {'sam': {'shape': [2, 8, 8, 256], 'dtype': 'float16'},
+                           'dino': {'shape': [2, 8, 8, 768], 'dtype': 'float16'}}
+    a, b = store_lib.FeatureStore(full), store_lib.FeatureStore(pooled)
+    for fid in (0, 13, 47):
+        for name, dim in (('sam', 256), ('dino', 768)):
+            want = a.get(fid)[name].astype(np.float32).reshape(2, 8, 2, 8, 2, dim).mean(axis=(2, 4))
+            np.testing.assert_allclose(b.get(fid)[name].astype(np.float32), want, rtol=2e-3, atol=2e-3)
+    # With --config the store keeps the grid the config's SAM head decodes (the tabletop preset: 8x8).
+    opts = cli.options_from_args(cli.parse_args(['--data', 'd', '--out', 'o', '--config', 'configs/tabletop.py']))
+    assert (opts.sam_grid, opts.dino_grid) == (8, 16)
+    opts = cli.options_from_args(cli.parse_args(['--data', 'd', '--out', 'o', '--config', 'configs/calvin.py']))
+    assert (opts.sam_grid, opts.dino_grid) == (16, 16)
+
+
 def test_pseudo_depth_and_dino(tmp_path):
     synthetic.write_split(tmp_path / 'nodepth', [(8, [(0, 7, 't', 'do it')])], depth=False)
     out = tmp_path / 'store'
@@ -169,6 +190,8 @@ def test_cli_errors_are_one_line(data, tmp_path, capsys):
     assert 'nowhere' in capsys.readouterr().err
     assert cli.main(['--data', str(data), '--out', str(tmp_path / 'z'), '--teachers', 'motion,flow']) == 2
     assert "unknown teacher 'flow'" in capsys.readouterr().err
+    assert cli.main(_args(data, tmp_path / 'g', '--feature-grid', '6')) == 2
+    assert capsys.readouterr().err.startswith('error: --feature-grid 6: must divide')
     # Resuming into a store started with other settings is refused (it would mix two kinds of shards).
     out = tmp_path / 's'
     assert cli.main(['--data', str(data), '--out', str(out), '--teachers', 'motion', '--no-progress']) == 0

@@ -10,8 +10,9 @@ Yields host-local numpy batches (B = global batch / process count, W = history +
   rel_actions   float32 [B, W, 7]
   text_tokens   int32   [B, 77]             CLIP tokens of the window's instruction
   motion_mask   float32 [B, S, 2, L]        from the tracks of input frames t = 0..S-1 (static, gripper)
-  sam           float16 [B, S, 2, 16, 16, 256]  features of target frames t + future (if the SAM head is on)
-  dino          float16 [B, S, 2, 16, 16, 768]  same, DINOv2 (if the DINOv2 head is on)
+  sam           float16 [B, S, 2, g, g, 256]    features of target frames t + future (if the SAM head is on;
+                                                g: the store's grid, 16 or the head's coarser mask_grid)
+  dino          float16 [B, S, 2, g, g, 768]    same, DINOv2 (if the DINOv2 head is on)
   index         int64   [B]                 window id (row of ``CalvinDataset.windows``)
 
 Order: windows -> seeded shuffle (reshuffled every epoch) -> repeat -> batch -> per-process slice ->
@@ -139,7 +140,8 @@ class WindowSource:
 
 
 def check_store_config(store: FeatureStore, config) -> None:
-    """The store's tracks must have been computed with this config's image size, grid and gap."""
+    """The store's tracks must have been computed with this config's image size, grid and gap, and its
+    SAM / DINOv2 maps must be at least as fine as the grids the config's heads decode (training pools them)."""
     got = store.manifest['config']
     want = {'image_size': int(config.model.vision.image_size), 'grid': int(config.data.motion.grid),
             'gap': int(config.data.motion.gap)}
@@ -147,6 +149,14 @@ def check_store_config(store: FeatureStore, config) -> None:
         if int(got[k]) != v:
             raise DataError(f"feature store {store.path} was computed with {k} {got[k]} but the config asks "
                             f"for {v}; rerun the teachers with --config matching this config.")
+    for head, field in (('sam', 'sam'), ('dino', 'dino')):
+        if not config.model.dream[head].enabled or field not in store.fields:
+            continue  # a missing field is reported by WindowSource
+        (h, w), grid = store.fields[field][0][1:3], tuple(config.model.dream[head].mask_grid)
+        if h % grid[0] or w % grid[1]:
+            raise DataError(f"feature store {store.path} keeps {field} at {h}x{w}, which "
+                            f"config.model.dream.{head}.mask_grid {grid} does not divide; rerun the teachers "
+                            "with --config matching this config.")
 
 
 def make_source(config, split: str | None = None, *, features: str | None = None,

@@ -26,6 +26,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--image-size', type=int, default=None, help='model image size (default 224)')
     p.add_argument('--grid', type=int, default=None, help='tracked points per side (default 28)')
     p.add_argument('--gap', type=int, default=None, help='track from frame j to j + gap (default 5)')
+    p.add_argument('--feature-grid', type=int, default=None,
+                   help='store SAM / DINOv2 maps average-pooled to NxN (divides 16; default: the mask_grid of '
+                        "--config's SAM / DINOv2 head when it divides 16, else 16)")
     p.add_argument('--sam', default=None, help='local transformers SAM folder (e.g. facebook/sam-vit-base)')
     p.add_argument('--dinov2', default=None, help='local transformers DINOv2 folder (facebook/dinov2-base)')
     p.add_argument('--depth-model', default=None,
@@ -46,17 +49,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def options_from_args(a: argparse.Namespace) -> precompute.Options:
     image_size, grid, gap, dino = 224, 28, 5, False
+    sides = {'sam': precompute.FEATURE_GRID, 'dino': precompute.FEATURE_GRID}
     if a.config:
         from dreamvla_jax.cli import load_config
 
         c = load_config(a.config)
         image_size, grid, gap = c.model.vision.image_size, c.data.motion.grid, c.data.motion.gap
         dino = bool(c.model.dream.dino.enabled)
+        for name in sides:  # keep only the (square) grid the config's head decodes; training pools the rest
+            rows, cols = tuple(c.model.dream[name].mask_grid)
+            if rows == cols and precompute.FEATURE_GRID % rows == 0:
+                sides[name] = rows
+    if a.feature_grid is not None:
+        sides = dict.fromkeys(sides, a.feature_grid)
     teachers = a.teachers or ('motion,depth,sam' + (',dinov2' if dino else ''))
     return precompute.Options(
         data=a.data, out=a.out, split=a.split,
         teachers=tuple(t.strip() for t in teachers.split(',') if t.strip()),
         image_size=a.image_size or image_size, grid=a.grid or grid, gap=a.gap or gap,
+        sam_grid=sides['sam'], dino_grid=sides['dino'],
         random_init=a.random_init, teacher_scale=a.teacher_scale, sam=a.sam, dinov2=a.dinov2,
         depth_model=a.depth_model, cotracker=a.cotracker, shard_size=a.shard_size, batch_size=a.batch_size,
         device=a.device, seed=a.seed, progress=not a.no_progress)

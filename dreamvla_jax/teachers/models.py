@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from dreamvla_jax.data.errors import DataError
+from dreamvla_jax.teachers.precompute import FEATURE_GRID
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SCALES = ('base', 'tiny')
-FEATURE_GRID = 16  # SAM and DINOv2 targets are 16 x 16 (SPEC section 4)
 SAM_DIM = 256
 DINO_DIM = 768
 
@@ -72,38 +72,42 @@ class Teacher:
     info: dict  # manifest entry (source, architecture, random_init, scale)
 
     @torch.no_grad()
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+    def __call__(self, images: np.ndarray, grid: int = FEATURE_GRID) -> np.ndarray:
         raise NotImplementedError
 
 
 class SamTeacher(Teacher):
     @torch.no_grad()
-    def __call__(self, images):
-        """uint8 [N, H, W, 3] -> float16 [N, 16, 16, 256] (encoder embedding, average-pooled)."""
+    def __call__(self, images, grid: int = FEATURE_GRID):
+        """uint8 [N, H, W, 3] -> float16 [N, grid, grid, 256] (encoder embedding, average-pooled)."""
         x = to_pixels(images, self.input_size, self.device, pad_square=True)
         emb = self.model(pixel_values=x).last_hidden_state  # [N, 256, g, g]
         g = emb.shape[-1]
         if g % FEATURE_GRID:
             raise DataError(f"SAM teacher embedding grid {g} is not a multiple of {FEATURE_GRID}.")
-        emb = F.avg_pool2d(emb, g // FEATURE_GRID)
+        emb = F.avg_pool2d(emb, g // grid)
         return emb.permute(0, 2, 3, 1).float().cpu().numpy().astype(np.float16)
 
 
 class DinoTeacher(Teacher):
     @torch.no_grad()
-    def __call__(self, images):
-        """uint8 [N, H, W, 3] -> float16 [N, 16, 16, 768] (final LayerNorm'd patch tokens)."""
+    def __call__(self, images, grid: int = FEATURE_GRID):
+        """uint8 [N, H, W, 3] -> float16 [N, grid, grid, 768] (final LayerNorm'd patch tokens; average-pooled
+        when ``grid`` is coarser than the 16 x 16 patch grid)."""
         x = to_pixels(images, self.input_size, self.device)
         tokens = self.model(pixel_values=x).last_hidden_state  # [N, 1 (+registers) + g*g, 768]
         g = self.input_size // self.model.config.patch_size
-        patches = tokens[:, -g * g:]
-        return patches.reshape(len(images), g, g, -1).float().cpu().numpy().astype(np.float16)
+        patches = tokens[:, -g * g:].reshape(len(images), g, g, -1)
+        if grid != g:
+            patches = F.avg_pool2d(patches.permute(0, 3, 1, 2), g // grid).permute(0, 2, 3, 1)
+        return patches.float().cpu().numpy().astype(np.float16)
 
 
 class DepthTeacher(Teacher):
     @torch.no_grad()
-    def __call__(self, images):
-        """uint8 [N, H, W, 3] -> float16 [N, H, W] relative inverse depth at the camera resolution."""
+    def __call__(self, images, grid: int = FEATURE_GRID):
+        """uint8 [N, H, W, 3] -> float16 [N, H, W] relative inverse depth at the camera resolution (``grid``:
+        unused, depth is stored per pixel)."""
         h, w = images.shape[1:3]
         x = to_pixels(images, self.input_size, self.device)
         depth = self.model(pixel_values=x).predicted_depth  # [N, s, s]

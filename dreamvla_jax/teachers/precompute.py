@@ -2,8 +2,9 @@
 
 Per annotated frame (the frames training windows read) and camera (static, gripper):
 - ``tracks``  float16 [2, grid*grid, 2]: grid displacement from frame j to min(j + gap, episode end);
-- ``sam``     float16 [2, 16, 16, 256]: SAM image-encoder features, average-pooled;
-- ``dino``    float16 [2, 16, 16, 768]: DINOv2 patch tokens;
+- ``sam``     float16 [2, g, g, 256]: SAM image-encoder features, average-pooled to ``sam_grid`` (16 unless the
+  config's SAM head decodes a coarser grid: the store then keeps only what training reads);
+- ``dino``    float16 [2, g, g, 768]: DINOv2 patch tokens, average-pooled to ``dino_grid`` (likewise);
 - ``depth_static`` / ``depth_gripper`` float16 [H, W]: Depth-Anything pseudo-depth, only for datasets
   without depth (CALVIN has depth: it is read from the frames instead).
 
@@ -28,6 +29,7 @@ from dreamvla_jax.data.calvin import CalvinDataset
 from dreamvla_jax.data.errors import DataError
 
 TEACHERS = ('motion', 'depth', 'sam', 'dinov2')
+FEATURE_GRID = 16  # side of the SAM / DINOv2 maps the teachers produce (SPEC section 4)
 CAMERAS = ('static', 'gripper')
 # Test hook: after the first batch of this shard index is written, the run announces it and hangs (so a
 # test can SIGKILL it while a shard is half written).
@@ -43,6 +45,8 @@ class Options:
     image_size: int = 224               # config.model.vision.image_size
     grid: int = 28                      # config.data.motion.grid
     gap: int = 5                        # config.data.motion.gap
+    sam_grid: int = 16                  # stored SAM map side (divides 16; config.model.dream.sam.mask_grid)
+    dino_grid: int = 16                 # stored DINOv2 map side (divides 16)
     random_init: bool = False
     teacher_scale: str = 'base'         # 'base' | 'tiny' (random teachers only)
     sam: str | None = None
@@ -82,6 +86,10 @@ def _settings(opts: Options, ds: CalvinDataset, frames: np.ndarray, image_shapes
     for name in opts.teachers:
         if name not in TEACHERS:
             raise DataError(f"--teachers: unknown teacher {name!r}; choose from {','.join(TEACHERS)}.")
+    for side in (opts.sam_grid, opts.dino_grid):
+        if side < 1 or FEATURE_GRID % side:
+            raise DataError(f"--feature-grid {side}: must divide the teachers' {FEATURE_GRID}x{FEATURE_GRID} "
+                            "feature map (1, 2, 4, 8 or 16).")
     if 'motion' in opts.teachers:
         method = 'cotracker' if opts.cotracker else 'opencv-lk'
         teachers['motion'] = {'method': method, 'checkpoint': opts.cotracker, 'image_size': opts.image_size,
@@ -102,9 +110,9 @@ def _settings(opts: Options, ds: CalvinDataset, frames: np.ndarray, image_shapes
             raise DataError(f"teacher {name} needs weights: pass {flag} PATH (a local transformers folder) "
                             "or --random-init.")
         if name == 'sam':
-            fields['sam'] = ([2, 16, 16, 256], 'float16')
+            fields['sam'] = ([2, opts.sam_grid, opts.sam_grid, 256], 'float16')
         elif name == 'dinov2':
-            fields['dino'] = ([2, 16, 16, 768], 'float16')
+            fields['dino'] = ([2, opts.dino_grid, opts.dino_grid, 768], 'float16')
         else:
             for cam in CAMERAS:
                 fields[f'depth_{cam}'] = (list(image_shapes[f'rgb_{cam}'][:2]), 'float16')
@@ -260,7 +268,8 @@ def compute_batch(ds, batch, cache, pool, tracker, models, opts) -> list[dict]:
         for r, t in zip(recs, tracks, strict=True):
             r['tracks'] = t.astype(np.float16)
     for field, model in models.items():
-        per_cam = [model(np.stack([f[f'rgb_{cam}'] for f in imgs])) for cam in CAMERAS]
+        side = {'sam': opts.sam_grid, 'dino': opts.dino_grid}.get(field, FEATURE_GRID)
+        per_cam = [model(np.stack([f[f'rgb_{cam}'] for f in imgs]), grid=side) for cam in CAMERAS]
         for i, r in enumerate(recs):
             if field == 'depth':
                 for c, cam in enumerate(CAMERAS):
