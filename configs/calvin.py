@@ -183,6 +183,7 @@ def get_config(arg=None):
     dc.align_depth_shift = True  # False reproduces the official independent depth shift
     dc.augment = True
     dc.shuffle = True
+    dc.balance_tasks = False   # True: draw every annotation task equally often (not by its window count)
     dc.workers = 0             # Grain worker processes (0: in-process)
     dc.prefetch = 2            # batches prefetched to the device
     dc.skip_corrupt = False    # skip (count and log) unreadable frames instead of failing

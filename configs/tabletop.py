@@ -83,6 +83,8 @@ def get_config(arg=None):
     m.dream.dino.enabled = False
     m.action.chunk = 3         # official chunk of 3 actions
     m.dit.update(hidden=64, layers=2, heads=4, mlp=128, time_freq_dim=32)
+    # Classifier-free guidance stays at CALVIN's 1.5: on the 900-demonstration checkpoint (10 episodes per task)
+    # 1.0 gave 41.7% and 3.0 gave 40.0% mean success, against 48.3% at 1.5.
 
     c.diffusion.repeats = 16   # noise draws per window: cheap here (the DiT is tiny), steadies the loss
 

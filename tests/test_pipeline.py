@@ -123,6 +123,43 @@ def test_seeded_shuffle_and_epochs(env):
     assert not np.array_equal(two[:n], two[n:2 * n])                                 # reshuffled
 
 
+def test_task_balanced_sampling():
+    """``data.balance_tasks``: a task with 3x fewer windows is drawn as often as the others (seeded, and the
+    same stream however it is cut into processes); off, tasks come in proportion to their windows."""
+    from types import SimpleNamespace
+
+    from dreamvla_jax.data.calvin import Annotation
+
+    anns = [Annotation(0, 0, 'long', 'a'), Annotation(0, 0, 'long', 'b'), Annotation(0, 0, 'short', 'c')]
+    ann_of = np.repeat([0, 1, 2], [30, 30, 20])                      # 60 'long' windows, 20 'short'
+
+    class Source:
+        ds = SimpleNamespace(annotations=anns, root='fake')
+        windows = np.stack([ann_of, np.arange(len(ann_of))], 1)
+
+        def __len__(self):
+            return len(self.windows)
+
+        def __getitem__(self, i):
+            return {'index': np.int64(i)}
+
+    def draws(balance, pi=0, pc=1, n=60):
+        c = load_config('debug')
+        c.data.balance_tasks = balance
+        it = pipeline.make_batches(c, source=Source(), process_index=pi, process_count=pc, batch_size=4)
+        return np.concatenate([it[k]['index'] for k in range(n)])
+
+    for balance, share in ((True, 0.5), (False, 0.25)):
+        idx = draws(balance)
+        assert abs(np.mean(ann_of[idx] == 2) - share) < 0.05, (balance, np.mean(ann_of[idx] == 2))
+    idx = draws(True)
+    np.testing.assert_array_equal(idx, draws(True))                                 # seeded
+    # 80 draws: 40 of the 60 'long' windows (no repeat inside a task's epoch), all 20 'short' ones twice.
+    assert len(set(idx[:80].tolist())) == 60 and not np.array_equal(idx[:80:2], np.sort(idx[:80:2]))
+    two = np.stack([draws(True, p, 2, 30).reshape(30, 4) for p in (0, 1)], 1).reshape(-1)
+    np.testing.assert_array_equal(two, idx)                                          # same global stream
+
+
 def test_process_sharding(env):
     c = config_for(env)
     n = len(pipeline.make_source(c))

@@ -194,6 +194,29 @@ def _process_index_count(process_index, process_count) -> tuple[int, int]:
     return int(process_index), int(process_count)
 
 
+class _Subset:
+    """Windows ``ids`` of a ``WindowSource`` as a random-access source (picklable for Grain workers)."""
+
+    def __init__(self, source: WindowSource, ids: np.ndarray):
+        self.source, self.ids = source, np.asarray(ids, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return self.source[int(self.ids[i])]
+
+
+def _task_balanced(source: WindowSource, seed: int):
+    """``config.data.balance_tasks``: an endless stream that draws every annotation task (CALVIN's ``task``
+    label) equally often, whatever its number of windows (each task's windows shuffled and repeated, then
+    interleaved with equal weights by ``grain.MapDataset.mix``)."""
+    labels = np.array([a.task for a in source.ds.annotations])[source.windows[:, 0]]
+    parts = [grain.MapDataset.source(_Subset(source, np.flatnonzero(labels == t))).shuffle(seed=seed + k)
+             .repeat(None) for k, t in enumerate(sorted(set(labels)))]
+    return grain.MapDataset.mix(parts)
+
+
 def make_batches(config, split: str | None = None, *, source: WindowSource | None = None,
                  process_index: int | None = None, process_count: int | None = None,
                  num_epochs: int | None = None, batch_size: int | None = None, shuffle: bool | None = None,
@@ -212,10 +235,15 @@ def make_batches(config, split: str | None = None, *, source: WindowSource | Non
         batch_size = config.train.batch_size // pc
     if len(source) == 0:
         raise DataError(f"{source.ds.root}: no training windows of {source.window} frames in any annotation.")
-    ds = grain.MapDataset.source(source)
-    if config.data.shuffle if shuffle is None else shuffle:
-        ds = ds.shuffle(seed=int(config.seed if seed is None else seed))
-    ds = ds.repeat(num_epochs)
+    shuffle = config.data.shuffle if shuffle is None else shuffle
+    seed = int(config.seed if seed is None else seed)
+    if config.data.get('balance_tasks', False) and shuffle and num_epochs is None:
+        ds = _task_balanced(source, seed)
+    else:
+        ds = grain.MapDataset.source(source)
+        if shuffle:
+            ds = ds.shuffle(seed=seed)
+        ds = ds.repeat(num_epochs)
     if pc == 1:
         return ds.batch(batch_size, drop_remainder=True)
     # Local batch k*pc + p is process p's contiguous slice of global batch k (the global batch equals a

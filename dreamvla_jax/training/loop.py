@@ -134,7 +134,8 @@ def train(config, workdir: str | Path, *, iterator=None, steps_per_epoch: int | 
     mesh = shd.make_mesh(config)
 
     # ------------------------------------------------------------------ input
-    if iterator is None:
+    own_iterator = iterator is None
+    if own_iterator:
         from dreamvla_jax.data import pipeline
 
         source = pipeline.make_source(config)
@@ -171,6 +172,8 @@ def train(config, workdir: str | Path, *, iterator=None, steps_per_epoch: int | 
     logger = metrics_lib.MetricsLogger(workdir, enabled=is_main)
     if step >= total:
         checkpointer.close()
+        if own_iterator:
+            iterator.close()
         return {}
     first_batch, first_state = next(prefetch)
     with jax.set_mesh(mesh):
@@ -225,6 +228,8 @@ def train(config, workdir: str | Path, *, iterator=None, steps_per_epoch: int | 
     checkpointer.wait()
     checkpointer.close()
     logger.close()
+    if own_iterator:  # stops the Grain worker processes before the interpreter exits
+        iterator.close()
     return last
 
 
