@@ -15,8 +15,13 @@ Presets (``--config configs/tabletop.py[:preset]``):
             Measured on 2 CPU cores, 8 fake devices: ~0.39 s per step, the 4000 steps in ~26 minutes (the demo's
             bound). Closed-loop success, 10 episodes per task, 120 steps, ensembled chunks (random / mean-action:
             0.0% / 1.7% mean):
-              900 demonstrations with DART noise 0.3 (the demo's default), 4000 steps: 48.3% mean (lift 80,
-              push left 80, push right 80, place 30, stack 10, button 10).
+              900 demonstrations with DART noise 0.3 (the demo's default), 4000 steps: 41.7% mean (lift 80,
+              push left 50, push right 70, place 40, stack 10, button 0) with SAM targets stored at 8x8; 48.3%
+              (80 / 80 / 80 / 30 / 10 / 10) in a run that stored them at 16x16 (only the rounding differs).
+              1800 demonstrations, 8000 steps (~50 min): 78.3% over 20 episodes per task (lift 100, push left
+              90, push right 90, place 90, stack 95, button 5); 4000 steps on the same data: 43.3%.
+              900 demonstrations, 4000 steps, data.balance_tasks=True: 26.7% (lift 10, push left 50, push
+              right 80, place 0, stack 0, button 20); not adopted.
               300 demonstrations, ~3400 steps: 25.0-31.7% (two runs; place and stack 0): the number of scenes
               seen, not the steps, was the limit (the action loss plateaus at ~0.055 either way).
               300 demonstrations with 16 resampler latents (the official count) instead of 4, 3800 steps:

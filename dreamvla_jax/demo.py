@@ -35,7 +35,8 @@ TASK_KEYS = ('success', 'random', 'mean_action', 'episodes')
 
 
 # 900 demonstrations, not 300: the policy is limited by how many scenes it has seen (same preset and
-# budget: 300 -> 25-32% mean success, 900 -> 48%); collecting them and running the teachers costs ~8 min.
+# budget: 300 -> 25-32% mean success, 900 -> 42-48%); collecting them and running the teachers costs ~8 min.
+# 1800 demonstrations and 8000 steps reach 78% but take ~70 min (README, "Honest status").
 DEFAULT_EPISODES = 900
 DEFAULT_MINUTES = 26.0  # training bound: the preset's 4000-step cosine schedule at ~0.39 s/step
 
