@@ -149,12 +149,12 @@ def check_store_config(store: FeatureStore, config) -> None:
         if int(got[k]) != v:
             raise DataError(f"feature store {store.path} was computed with {k} {got[k]} but the config asks "
                             f"for {v}; rerun the teachers with --config matching this config.")
-    for head, field in (('sam', 'sam'), ('dino', 'dino')):
-        if not config.model.dream[head].enabled or field not in store.fields:
+    for head in ('sam', 'dino'):  # dream head name = store field name
+        if not config.model.dream[head].enabled or head not in store.fields:
             continue  # a missing field is reported by WindowSource
-        (h, w), grid = store.fields[field][0][1:3], tuple(config.model.dream[head].mask_grid)
+        (h, w), grid = store.fields[head][0][1:3], tuple(config.model.dream[head].mask_grid)
         if h % grid[0] or w % grid[1]:
-            raise DataError(f"feature store {store.path} keeps {field} at {h}x{w}, which "
+            raise DataError(f"feature store {store.path} keeps {head} at {h}x{w}, which "
                             f"config.model.dream.{head}.mask_grid {grid} does not divide; rerun the teachers "
                             "with --config matching this config.")
 

@@ -45,8 +45,8 @@ class Options:
     image_size: int = 224               # config.model.vision.image_size
     grid: int = 28                      # config.data.motion.grid
     gap: int = 5                        # config.data.motion.gap
-    sam_grid: int = 16                  # stored SAM map side (divides 16; config.model.dream.sam.mask_grid)
-    dino_grid: int = 16                 # stored DINOv2 map side (divides 16)
+    sam_grid: int = FEATURE_GRID        # stored SAM map side (divides 16; config.model.dream.sam.mask_grid)
+    dino_grid: int = FEATURE_GRID       # stored DINOv2 map side (divides 16)
     random_init: bool = False
     teacher_scale: str = 'base'         # 'base' | 'tiny' (random teachers only)
     sam: str | None = None
