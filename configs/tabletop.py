@@ -26,6 +26,9 @@ Presets (``--config configs/tabletop.py[:preset]``):
               seen, not the steps, was the limit (the action loss plateaus at ~0.055 either way).
               300 demonstrations with 16 resampler latents (the official count) instead of 4, 3800 steps:
               13.3% (one run; not adopted).
+              900 demonstrations, batch 16 for 7000 steps in the same 24 minutes (0.20 s per step): 28.3% (lift
+              10, push left 70, push right 60, place 10, stack 0, button 20); not adopted: what counts is the
+              number of windows seen, not of updates (batch 64 would see 14% more windows per second).
             The first action only instead of the ensemble: 25.0% vs 31.7% on one 300-demonstration checkpoint.
             See README ("Honest status") for the runs before this preset and what each change did.
   quick     The same structure at 32 px with one layer per stack, 20 steps (the demo's `--quick` run).
