@@ -21,7 +21,9 @@ Presets (``--config configs/tabletop.py[:preset]``):
               1800 demonstrations, 8000 steps (~50 min): 78.3% over 20 episodes per task (lift 100, push left
               90, push right 90, place 90, stack 95, button 5); 4000 steps on the same data: 43.3%.
               900 demonstrations, 4000 steps, data.balance_tasks=True: 26.7% (lift 10, push left 50, push
-              right 80, place 0, stack 0, button 20); not adopted.
+              right 80, place 0, stack 0, button 20); not adopted. 1800 demonstrations, 8000 steps, balanced:
+              55.8% over 20 episodes per task (lift 65, push left 100, push right 100, place 35, stack 30,
+              button 5).
               300 demonstrations, ~3400 steps: 25.0-31.7% (two runs; place and stack 0): the number of scenes
               seen, not the steps, was the limit (the action loss plateaus at ~0.055 either way).
               300 demonstrations with 16 resampler latents (the official count) instead of 4, 3800 steps:
