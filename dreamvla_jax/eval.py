@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f'steps per subtask (default: CALVIN {cp.EP_LEN}, tabletop 150)')
     p.add_argument('--workers', type=int, default=0, help='environment processes (0/1: in-process)')
     p.add_argument('--baselines', action='store_true', help='tabletop: also evaluate random and mean-action')
+    p.add_argument('--probe', action='store_true',
+                   help="tabletop: also correlate the policy's first action with the offset to each task's "
+                        "object over the same start scenes (results.json 'probe'; ~0 = it does not localise it)")
     p.add_argument('--execute', choices=('first', 'chunk', 'ensemble'), help='default: config.eval.execute')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--split', default='validation', help='offline: dataset split')
@@ -138,13 +141,23 @@ def run_rollouts(args, config) -> tuple[dict, str]:
                                 max_steps=args.max_steps or 150, progress=progress)
         result = run(make_policy(args, config, args.policy, k), recorder=recorder)
         table = {args.policy: result}
+        text = ''
+        if args.probe:
+            from dreamvla_jax.evaluation import probe
+
+            env = make_env_factory(args)()
+            try:
+                result['probe'] = probe.localisation_probe(make_policy(args, config, args.policy, 1), env, episodes)
+            finally:
+                env.close()
+            text = '\n' + probe.format_probe(result['probe'])
         if args.baselines:
             result['baselines'] = {}
             for kind in ('random', 'mean_action'):
                 if kind != args.policy and (kind != 'mean_action' or args.calvin_root):
                     result['baselines'][kind] = run(make_policy(args, config, kind, k))
                     table[kind] = result['baselines'][kind]
-        return result, suites.format_tabletop(table)
+        return result, suites.format_tabletop(table) + text
 
 
 def run_offline(args, config) -> tuple[dict, str]:
