@@ -212,6 +212,8 @@ def main(argv=None) -> dict:
         apply_overrides(config, args.config_overrides)
     if args.workers < 0:
         raise UsageError('--workers must be >= 0')
+    if args.probe and args.env != 'tabletop':
+        raise UsageError(f'--probe needs --env tabletop (its objects\' positions), not --env {args.env}')
     out = Path(args.out or Path(args.checkpoint or '.') / f'eval_{args.env}')
     result, table = run_offline(args, config) if args.env == 'offline' else run_rollouts(args, config)
     result['env'], result['policy'] = args.env, args.policy

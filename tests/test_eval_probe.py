@@ -85,3 +85,12 @@ def test_eval_cli_writes_the_probe(tmp_path):
                             str(tmp_path), '--no-progress'])
     assert {t: r['scenes'] for t, r in result['probe'].items()} == {'press_button': 3, 'lift_red_block': 3}
     assert json.loads((tmp_path / 'results.json').read_text())['probe'].keys() == {'press_button', 'lift_red_block'}
+
+
+def test_probe_outside_the_tabletop_is_one_clear_error(capsys):
+    from dreamvla_jax import eval as eval_cli
+
+    with pytest.raises(SystemExit) as e:
+        eval_cli.main(['--env', 'offline', '--probe'])
+    assert e.value.code == 2
+    assert '--probe needs --env tabletop' in capsys.readouterr().err
