@@ -47,7 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--baselines', action='store_true', help='tabletop: also evaluate random and mean-action')
     p.add_argument('--probe', action='store_true',
                    help="tabletop: also correlate the policy's first action with the offset to each task's "
-                        "object over the same start scenes (results.json 'probe'; ~0 = it does not localise it)")
+                        "object over the same start scenes (results.json 'probe'; ~0 = it does not localise it), "
+                        "and (--policy model) regress each object's position from the image tokens over "
+                        "--probe-scenes seeded scenes (results.json 'feature_probe', held-out R^2; ~0 = the "
+                        "images' tokens do not carry it)")
+    p.add_argument('--probe-scenes', type=int, default=600, help='scenes of the feature probe (default 600)')
     p.add_argument('--execute', choices=('first', 'chunk', 'ensemble'), help='default: config.eval.execute')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--split', default='validation', help='offline: dataset split')
@@ -146,11 +150,16 @@ def run_rollouts(args, config) -> tuple[dict, str]:
             from dreamvla_jax.evaluation import probe
 
             env = make_env_factory(args)()
+            one = make_policy(args, config, args.policy, 1)
             try:
-                result['probe'] = probe.localisation_probe(make_policy(args, config, args.policy, 1), env, episodes)
+                result['probe'] = probe.localisation_probe(one, env, episodes)
+                text = '\n' + probe.format_probe(result['probe'])
+                if args.policy == 'model':  # the baselines have no image tokens
+                    result['feature_probe'] = probe.feature_probe(one.frame_features, env, tasks,
+                                                                  scenes=args.probe_scenes, seed=args.seed)
+                    text += '\n' + probe.format_feature_probe(result['feature_probe'])
             finally:
                 env.close()
-            text = '\n' + probe.format_probe(result['probe'])
         if args.baselines:
             result['baselines'] = {}
             for kind in ('random', 'mean_action'):
@@ -214,6 +223,8 @@ def main(argv=None) -> dict:
         raise UsageError('--workers must be >= 0')
     if args.probe and args.env != 'tabletop':
         raise UsageError(f'--probe needs --env tabletop (its objects\' positions), not --env {args.env}')
+    if args.probe and args.probe_scenes < 20:
+        raise UsageError(f'--probe-scenes must be >= 20 (a held-out R^2 needs them), not {args.probe_scenes}')
     out = Path(args.out or Path(args.checkpoint or '.') / f'eval_{args.env}')
     result, table = run_offline(args, config) if args.env == 'offline' else run_rollouts(args, config)
     result['env'], result['policy'] = args.env, args.policy

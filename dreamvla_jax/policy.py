@@ -148,6 +148,7 @@ class Policy:
         self._jit_fast = jax.jit(self._fast_fn)
         self._jit_cached = jax.jit(self._cached_fn, donate_argnums=(5, 6))
         self._jit_full = jax.jit(self._full_fn)
+        self._jit_images = jax.jit(self._images_fn)
         self._jit_dream = jax.jit(self._dream_fn)
         self.reset()
 
@@ -204,6 +205,14 @@ class Policy:
         parts = [st[:, :, None]] + [frames[f'latents_{c}'] for c in self.cfg.cameras]
         parts += [frames[f'cls_{c}'][:, :, None] for c in self.cfg.cameras]
         return jnp.concatenate(parts, axis=2)[:, 0], x
+
+    def _images_fn(self, state, raw):
+        model = self._model(state)
+        x = preprocess.preprocess(raw, self.config)
+        frames = model.encode_frames({c: x[f'rgb_{c}'] for c in self.cfg.cameras})
+        n = x['robot_obs'].shape[0]
+        return jnp.concatenate([frames[f'{kind}_{c}'].reshape(n, -1) for c in self.cfg.cameras
+                                for kind in ('latents', 'cls')], axis=-1)
 
     def _fast_fn(self, state, frames, text, query_step, rng):
         model = self._model(state)
@@ -288,6 +297,13 @@ class Policy:
             m = int(np.minimum(self.count, self.steps).max())
             return np.asarray(self._jit_fast(self.state, self.frames[:, :m], text, query, rng))
         return np.asarray(self._jit_full(self.state, self.raw, text, query, rng))
+
+    def frame_features(self, observations: list[dict]) -> np.ndarray:
+        """``[N, D]`` float32: what the backbone sees of each observation's images, flattened (per camera
+        in ``cfg.cameras`` order: the resampler latents, then the CLS token; no state, no text). Stateless:
+        the history is untouched. The feature probe (``evaluation.probe.feature_probe``) reads it."""
+        raw = observation_batch(observations, self.cfg.cameras)
+        return np.asarray(self._jit_images(self.state, raw), np.float32)
 
     def step(self, observations: list[dict], instructions: list[str]) -> np.ndarray:
         """Appends the observations and returns ``[N, 7]`` environment actions (gripper +-1)."""

@@ -1,11 +1,12 @@
-"""The tabletop localisation probe: correlation of the first action with the offset to the task's object."""
+"""The tabletop probes: correlation of the first action with the offset to the task's object (localisation
+probe), and held-out R^2 of each object's position regressed from the image tokens (feature probe)."""
 
 import json
 
 import numpy as np
 import pytest
 
-from dreamvla_jax.envs.tabletop import TASK_INSTRUCTIONS, TabletopEnv
+from dreamvla_jax.envs.tabletop import SCENE_OBS_LABELS, TASK_INSTRUCTIONS, TabletopEnv
 from dreamvla_jax.evaluation import probe, suites
 
 TASKS = ['press_button', 'lift_red_block', 'push_blue_block_left']
@@ -84,6 +85,7 @@ def test_eval_cli_writes_the_probe(tmp_path):
                             'lift_red_block', '--episodes-per-task', '3', '--max-steps', '1', '--out',
                             str(tmp_path), '--no-progress'])
     assert {t: r['scenes'] for t, r in result['probe'].items()} == {'press_button': 3, 'lift_red_block': 3}
+    assert 'feature_probe' not in result  # a baseline has no image tokens to probe
     assert json.loads((tmp_path / 'results.json').read_text())['probe'].keys() == {'press_button', 'lift_red_block'}
 
 
@@ -94,3 +96,49 @@ def test_probe_outside_the_tabletop_is_one_clear_error(capsys):
         eval_cli.main(['--env', 'offline', '--probe'])
     assert e.value.code == 2
     assert '--probe needs --env tabletop' in capsys.readouterr().err
+
+
+def test_probe_scenes_below_twenty_is_one_clear_error(capsys):
+    from dreamvla_jax import eval as eval_cli
+
+    with pytest.raises(SystemExit) as e:
+        eval_cli.main(['--env', 'tabletop', '--policy', 'random', '--probe', '--probe-scenes', '5'])
+    assert e.value.code == 2
+    assert '--probe-scenes must be >= 20' in capsys.readouterr().err
+
+
+def test_ridge_r2_is_one_for_a_linear_signal_zero_for_noise_nan_for_a_constant():
+    rs = np.random.RandomState(0)
+    x = rs.randn(400, 30)
+    linear = x @ rs.randn(30) + 3.0
+    noise = rs.randn(400)
+    constant = np.full(400, 2.0)
+    r2 = probe.ridge_r2(x, np.stack([linear, noise, constant], 1), lam=1e-3)
+    assert r2[0] > 0.9999
+    assert r2[1] < 0.05  # overfit noise scores below 0 on held-out rows, never above
+    assert np.isnan(r2[2])
+    # Scored on held-out rows: with more features than fit rows, pure noise is fit exactly yet scores <= ~0.
+    assert probe.ridge_r2(rs.randn(400, 600), noise, lam=1e-6)[0] < 0.05
+    with pytest.raises(ValueError, match='too few'):
+        probe.ridge_r2(x[:3], linear[:3])
+
+
+def test_feature_probe_credits_features_that_carry_the_scene_and_only_those(env):
+    tasks = ['press_button', 'lift_red_block']
+    carries = probe.feature_probe(lambda obs: np.stack([o['scene_obs'] for o in obs]), env, tasks, scenes=40,
+                                  batch=16, lam=1e-6)
+    assert sorted(carries) == sorted(probe.PROBE_OBJECTS)
+    for name, r in carries.items():
+        assert r['scenes'] == 40
+        assert r['r2_x'] > 0.999 and r['r2_y'] > 0.999, name
+    # The gripper starts at the home pose: its state says nothing about where the objects are.
+    blind = probe.feature_probe(lambda obs: np.stack([o['robot_obs'] for o in obs]), env, tasks, scenes=40)
+    for name, r in blind.items():
+        assert r['r2_x'] < 0.05 and r['r2_y'] < 0.05, name
+    # One object's position only: credited for that object, not for the others.
+    bx = SCENE_OBS_LABELS.index('button_x')
+    button_only = probe.feature_probe(lambda obs: np.stack([o['scene_obs'][bx:bx + 2] for o in obs]), env, tasks,
+                                      scenes=40, lam=1e-6)
+    assert button_only['button']['r2_x'] > 0.999
+    assert button_only['red']['r2_x'] < 0.5
+    assert 'button' in probe.format_feature_probe(button_only)

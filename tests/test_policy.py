@@ -192,3 +192,22 @@ def test_cached_condition_equals_fast_condition(setup):
         for key in ref:
             diff = np.abs(np.asarray(out[key]) - np.asarray(ref[key])).max()
             assert diff <= 1e-5, (key, t, diff)
+
+
+def test_frame_features_are_the_image_tokens_the_backbone_sees(setup):
+    cfg, _ = setup
+    pol = make(setup, num_envs=2)
+    feats = pol.frame_features([obs(5), obs(6)])
+    cams, latents, hidden = len(cfg.model.cameras), cfg.model.resampler.latents, cfg.model.hidden
+    assert feats.shape == (2, cams * (latents + 1) * hidden)
+    # The same numbers as the policy's cached context tokens (state, latents per camera, CLS per camera).
+    tokens, _ = pol._jit_encode(pol.state, policy_lib.observation_batch([obs(5), obs(6)], cfg.model.cameras))
+    tokens = np.asarray(tokens)
+    expected = np.concatenate(
+        [np.concatenate([tokens[:, 1 + i * latents:1 + (i + 1) * latents].reshape(2, -1),
+                         tokens[:, 1 + cams * latents + i]], axis=1) for i in range(cams)], axis=1)
+    np.testing.assert_allclose(feats, expected, rtol=1e-5, atol=1e-6)
+    # Per observation (batch-independent) and stateless: the history is untouched.
+    np.testing.assert_allclose(pol.frame_features([obs(6)])[0], feats[1], rtol=1e-5, atol=1e-5)
+    assert pol.frames is None and pol.count.tolist() == [0, 0]
+    assert not np.allclose(feats[0], feats[1])

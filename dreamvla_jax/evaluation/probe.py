@@ -1,10 +1,20 @@
-"""Localisation probe (tabletop): does the policy's first action point at the object its instruction names?
+"""Probes (tabletop): does the policy know where the objects are, and does it act on it?
 
-For each task, over the evaluation's own seeded start scenes, the Pearson correlation (x and y apart)
-between the policy's first arm action and the offset from the gripper to the task's object. The scripted
+Localisation probe (``localisation_probe``, the action side). For each task, over the evaluation's own
+seeded start scenes, the Pearson correlation (x and y apart) between the policy's first arm action and the
+offset from the gripper to the task's object. The scripted
 experts score ~0.95; a policy that does not know where the object is scores ~0. One forward pass per scene,
 so it is far cheaper and less noisy than closed-loop success: it is how the tabletop preset's press_button
 failure was found (red block 0.94 / 0.97, button -0.23 / 0.24; README, "Honest status").
+
+Feature probe (``feature_probe``, the perception side). Over a few hundred seeded scenes, a ridge
+regression from the image tokens the backbone sees (``Policy.frame_features``: resampler latents and CLS of
+every camera) to each object's table-plane position, scored by R^2 on held-out scenes. ~1 = the images'
+tokens carry the position; ~0 = they do not, and no backbone or action head can recover it. It tells a
+perception gap from an action gap: on the 78% checkpoint (600 scenes), red block 0.97 / 0.98, blue
+0.99 / 0.99, button 0.42 / 0.44, pink (in no task) 0.22 / 0.13; the button is no better placed than by an
+untrained tower (~0.5), although the same tower regressed directly on positions learns the button as fast
+as the blocks (R^2 0.99 after 300 steps).
 """
 
 from __future__ import annotations
@@ -14,6 +24,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from dreamvla_jax.evaluation.rollout import Episode
+
+# The objects whose positions the feature probe regresses (``object_xy`` names).
+PROBE_OBJECTS = ('red', 'blue', 'pink', 'button')
 
 # The object each tabletop task must reach first.
 TASK_OBJECT = {
@@ -67,4 +80,60 @@ def format_probe(result: dict) -> str:
     lines = [f"  {'localisation probe':32s} {'corr x':>7s} {'corr y':>7s}"]
     for task, r in result.items():
         lines.append(f"  {task:32s} {r['corr_x']:7.2f} {r['corr_y']:7.2f}")
+    return '\n'.join(lines)
+
+
+def ridge_r2(features: np.ndarray, targets: np.ndarray, *, holdout: float = 0.3, lam: float = 10.0) -> np.ndarray:
+    """Held-out R^2 ``[K]`` of a ridge regression from ``features`` ``[N, D]`` to ``targets`` ``[N, K]``.
+
+    The first ``1 - holdout`` of the rows fit it (features standardised with their statistics, an intercept,
+    L2 penalty ``lam``); the rest score it: ``1 - SSE / SST`` per column, so predicting the held-out mean
+    scores 0 and a column without held-out variance is NaN.
+    """
+    x, y = np.asarray(features, np.float64), np.asarray(targets, np.float64)
+    if y.ndim == 1:
+        y = y[:, None]
+    n = len(x)
+    m = int(round((1.0 - holdout) * n))
+    if not 2 <= m <= n - 2:
+        raise ValueError(f'ridge_r2: {n} rows leave too few to fit ({m}) or to score ({n - m})')
+    mu, sd = x[:m].mean(0), x[:m].std(0)
+    sd[sd < 1e-8] = 1.0
+    z = np.concatenate([(x - mu) / sd, np.ones((n, 1))], axis=1)
+    penalty = lam * np.eye(z.shape[1])
+    penalty[-1, -1] = 0.0  # the intercept is not shrunk
+    w = np.linalg.solve(z[:m].T @ z[:m] + penalty, z[:m].T @ y[:m])
+    resid = ((z[m:] @ w - y[m:]) ** 2).sum(0)
+    total = ((y[m:] - y[m:].mean(0)) ** 2).sum(0)
+    with np.errstate(divide='ignore', invalid='ignore'):
+        return np.where(total > 1e-12, 1.0 - resid / np.maximum(total, 1e-300), np.nan)
+
+
+def feature_probe(frame_features, env, tasks: Sequence[str], *, scenes: int = 600, seed: int = 0,
+                  batch: int = 50, objects: Sequence[str] = PROBE_OBJECTS, lam: float = 10.0) -> dict:
+    """``{object: {'r2_x', 'r2_y', 'scenes'}}``: how well the image tokens place each object.
+
+    ``frame_features(observations) -> [N, D]`` (``Policy.frame_features``); ``env`` a rendering tabletop env.
+    Scene ``i`` is ``env.reset(seed=seed + i, task=tasks[i % len(tasks)])``; 30% of the scenes are held out;
+    ``lam`` is the ridge penalty (``ridge_r2``).
+    """
+    if scenes < 20:
+        raise ValueError(f'feature probe: {scenes} scenes are too few for a held-out R^2 (use >= 20)')
+    feats, xy, pending = [], [], []
+    for i in range(scenes):
+        pending.append(env.reset(seed=seed + i, task=tasks[i % len(tasks)]))
+        info = env.get_info()
+        xy.append(np.concatenate([object_xy(info, o) for o in objects]))
+        if len(pending) == batch or i == scenes - 1:
+            feats.append(np.asarray(frame_features(pending)))
+            pending = []
+    r2 = ridge_r2(np.concatenate(feats), np.asarray(xy), lam=lam)
+    return {o: {'r2_x': float(r2[2 * j]), 'r2_y': float(r2[2 * j + 1]), 'scenes': scenes}
+            for j, o in enumerate(objects)}
+
+
+def format_feature_probe(result: dict) -> str:
+    lines = [f"  {'feature probe (held-out R^2)':32s} {'x':>7s} {'y':>7s}"]
+    for name, r in result.items():
+        lines.append(f"  {name:32s} {r['r2_x']:7.2f} {r['r2_y']:7.2f}")
     return '\n'.join(lines)
