@@ -168,6 +168,9 @@ def get_config(arg=None):
     lw.sam = 0.1 if preset == 'paper' else 0.01
     lw.dino = 0.1 if preset == 'paper' else 0.01
     lw.silog_lambda = 0.5
+    # Weight of the RGB dream's squared error on patches OUTSIDE the motion mask, relative to those inside
+    # (0: official, dynamic regions only; > 0 also asks for the static parts of the future frame).
+    lw.rgb_static = 0.0
 
     # Data (SPEC section 8, CALVIN.md).
     dc = c.data = ml_collections.ConfigDict()

@@ -266,3 +266,27 @@ def test_conv_stem_keeps_the_token_layout_and_sees_locally():
     cfg.model.vision.stem = 'nope'
     with pytest.raises(ValueError, match="stem must be 'patch' or 'conv'"):
         MAEViT(cfg.model.vision, rngs=nnx.Rngs(0))
+
+
+def test_rgb_static_weight_extends_the_rgb_dream_loss_to_the_whole_frame():
+    import ml_collections
+
+    cfg = load_config('debug')
+    model = dreamvla.init_model(cfg)
+    batch = _inputs(cfg, 2)
+    ones = dict(batch, motion_mask=jnp.ones_like(batch['motion_mask']))
+
+    def rgb(inputs, static):
+        model.loss_cfg = ml_collections.FrozenConfigDict(dict(cfg.loss.to_dict(), rgb_static=static))
+        return float(model.compute_loss(inputs, jax.random.key(0), train=False)[1]['loss_rgb'])
+
+    assert cfg.loss.rgb_static == 0.0  # official: dynamic regions only
+    assert 0.1 < float(batch['motion_mask'].mean()) < 0.9  # some patches static, some dynamic
+    lo, mid, hi, whole = rgb(batch, 0.0), rgb(batch, 0.5), rgb(batch, 1.0), rgb(ones, 0.0)
+    # Weight 1: masked + unmasked squared errors make the whole frame's, whatever the mask.
+    np.testing.assert_allclose(hi, whole, rtol=1e-5)
+    # Weight 0 (official) counts only the masked patches; 0.5 sits in between, linearly.
+    assert lo < mid < hi
+    np.testing.assert_allclose(mid, (lo + hi) / 2, rtol=1e-5)
+    # With nothing static, the weight changes nothing.
+    np.testing.assert_allclose(rgb(ones, 0.7), whole, rtol=1e-6)

@@ -270,7 +270,12 @@ class DreamVLA(nnx.Module):
                 target = losses.patchify(img.astype(jnp.float32), cfg.vision.patch)
                 if name == 'rgb':
                     mask = inputs['motion_mask'][:, :, i].reshape(target.shape[0], -1)
-                    per_cam.append(losses.masked_mse(pred[:, i], losses.normalize_patches(target), mask))
+                    target = losses.normalize_patches(target)
+                    term = losses.masked_mse(pred[:, i], target, mask)
+                    static = self.loss_cfg.get('rgb_static', 0.0)
+                    if static:  # the frame outside the motion mask too (a config choice; 0 is official)
+                        term = term + static * losses.masked_mse(pred[:, i], target, 1.0 - mask.astype(jnp.float32))
+                    per_cam.append(term)
                 else:
                     per_cam.append(losses.silog(pred[:, i], target, self.loss_cfg.silog_lambda))
             return sum(per_cam) / len(per_cam)
