@@ -235,6 +235,17 @@ def test_collect_writes_calvin_dataset_that_replays(tmp_path, env):
         assert done, ann.task
 
 
+
+def test_collect_weights_tasks_by_repetition(tmp_path):
+    from dreamvla_jax.data.calvin import CalvinDataset
+    from dreamvla_jax.envs.collect import collect
+
+    tasks = ['press_button', 'lift_red_block', 'press_button']
+    summary = collect(tmp_path, episodes=3, val_episodes=0, tasks=tasks, seed=3, progress=False)
+    assert {t: s['episodes'] for t, s in summary['per_task'].items()} == {'press_button': 2, 'lift_red_block': 1}
+    assert [a.task for a in CalvinDataset(tmp_path / 'training').annotations] == tasks
+    assert not (tmp_path / 'validation').exists()
+
 def test_benchmark_env_reports_rate():
     out = benchmark_env(steps=5)
     assert out['steps'] == 5 and out['hz'] > 0 and out['step_ms'] == pytest.approx(1000 / out['hz'])

@@ -145,7 +145,9 @@ def main(argv=None):
     parser.add_argument('--episodes', type=int, required=True, help='training episodes (tasks cycled)')
     parser.add_argument('--val-episodes', type=int, default=None,
                         help='validation episodes (default: max(1, episodes // 10))')
-    parser.add_argument('--tasks', nargs='+', default=None, choices=TASK_NAMES, help='tasks (default: all)')
+    parser.add_argument('--tasks', nargs='+', default=None, choices=TASK_NAMES,
+                        help='tasks (default: all); episodes cycle through the list, so a task named twice gets '
+                             'twice the episodes (e.g. ... press_button press_button)')
     parser.add_argument('--seed', type=int, default=0, help='base seed; output is a function of it')
     parser.add_argument('--workers', type=int, default=1, help='parallel simulator processes')
     parser.add_argument('--max-steps', type=int, default=120, help='give an expert attempt up after this')
