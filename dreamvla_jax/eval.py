@@ -143,14 +143,15 @@ def run_rollouts(args, config) -> tuple[dict, str]:
         episodes = suites.tabletop_episodes(tasks, args.episodes_per_task, TASK_INSTRUCTIONS, seed=args.seed)
         run = functools.partial(suites.evaluate_tabletop, pool=pool, episodes=episodes,
                                 max_steps=args.max_steps or 150, progress=progress)
-        result = run(make_policy(args, config, args.policy, k), recorder=recorder)
+        policy = make_policy(args, config, args.policy, k)
+        result = run(policy, recorder=recorder)
         table = {args.policy: result}
         text = ''
         if args.probe:
             from dreamvla_jax.evaluation import probe
 
             env = make_env_factory(args)()
-            one = make_policy(args, config, args.policy, 1)
+            one = policy if k == 1 else make_policy(args, config, args.policy, 1)  # the probes step one env
             try:
                 result['probe'] = probe.localisation_probe(one, env, episodes)
                 text = '\n' + probe.format_probe(result['probe'])
