@@ -24,6 +24,10 @@ Presets (``--config configs/tabletop.py[:preset]``):
               right 80, place 0, stack 0, button 20); not adopted. 1800 demonstrations, 8000 steps, balanced:
               55.8% over 20 episodes per task (lift 65, push left 100, push right 100, place 35, stack 30,
               button 5).
+              2400 demonstrations with the button collected 3x (collect --tasks ... press_button x3: 302 per
+              task, 906 button), 8000 steps (~50 min): 71.7% over 20 episodes per task (lift 100, push left
+              80, push right 100, place 80, stack 65, button 5); the button's image tokens rise from R^2
+              0.42 / 0.44 to 0.65 / 0.51 (eval --probe's feature probe) but not enough to press it.
               300 demonstrations, ~3400 steps: 25.0-31.7% (two runs; place and stack 0): the number of scenes
               seen, not the steps, was the limit (the action loss plateaus at ~0.055 either way).
               300 demonstrations with 16 resampler latents (the official count) instead of 4, 3800 steps:
@@ -31,6 +35,8 @@ Presets (``--config configs/tabletop.py[:preset]``):
               900 demonstrations, batch 16 for 7000 steps in the same 24 minutes (0.20 s per step): 28.3% (lift
               10, push left 70, push right 60, place 10, stack 0, button 20); not adopted: what counts is the
               number of windows seen, not of updates (batch 64 would see 14% more windows per second).
+            loss.rgb_static=1.0 (the RGB dream asks for the whole frame, not only its moving patches), 900
+              demonstrations, 1500 steps: the button's tokens 0.51 / 0.40, no better; left at 0 (official).
             The first action only instead of the ensemble: 25.0% vs 31.7% on one 300-demonstration checkpoint.
             See README ("Honest status") for the runs before this preset and what each change did.
   quick     The same structure at 32 px with one layer per stack, 20 steps (the demo's `--quick` run).
