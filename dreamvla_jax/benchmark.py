@@ -1,12 +1,13 @@
 """Benchmarks: ``python -m dreamvla_jax.benchmark <subcommand> [--config FILE[:preset]] [--json]``.
 
 Subcommands (dispatch table ``COMMANDS``):
-  train  train-step time (median after warm-up), windows/s, FLOPs per step (XLA cost analysis), MFU and
-         memory, for each variant of ``--compare`` (levers: fp32, bf16, remat_full, remat_dots,
-         no_donate, cudnn) with ratios against the first; ``--abstract`` only compiles the step from
-         abstract inputs and prints the per-device memory estimate (full size on a CPU).
+  train  train-step time (median after warm-up), windows/s, model FLOPs per step (XLA cost analysis of the
+         step lowered with unrolled layers, no remat), MFU and memory, for each variant of ``--compare``
+         (levers: fp32, bf16, remat_full, remat_dots, no_donate, cudnn, no_attn_dropout; ``a+b`` joins
+         levers) with ratios against the first; ``--abstract`` only compiles the step from abstract inputs
+         and prints the per-device memory estimate (full size on a CPU).
   infer  policy latency per control step and per action chunk, full recomputation (official) vs the
-         exact fast path, at batch 1 and batch N, with the window already sliding.
+         exact fast path, at batch 1 and batch N, with the window already sliding (``--variant bf16``...).
   env    built-in tabletop simulator steps per second with both cameras.
   data   input-pipeline throughput (windows/s) with 0, 1 and 2 Grain workers, and the bytes of one batch,
          for the config's shapes (default: the debug and default presets). Without ``--data`` it writes a
@@ -44,20 +45,34 @@ VARIANTS = {
     'remat_dots': {'model.backbone.remat': 'dots_saveable', 'model.dit.remat': 'dots_saveable'},
     'no_donate': {},
     'cudnn': {'model.attention_impl': 'cudnn'},
+    'no_attn_dropout': {'model.backbone.attn_dropout': 0.0},
 }
 
 
-def apply_variant(config, name: str):
-    if name not in VARIANTS:
-        raise ValueError(f"--compare: unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+def apply_variant(config, name: str, flag: str = '--compare'):
+    """``config`` with a variant's changes; ``a+b`` applies both (e.g. ``bf16+cudnn``: cuDNN attention
+    takes half precision only, and the backbone's attention dropout keeps its attention unfused)."""
     c = config.copy_and_resolve_references()
-    for key, value in VARIANTS[name].items():
-        node = c
-        *parents, leaf = key.split('.')
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+    for part in name.split('+'):
+        if part not in VARIANTS:
+            raise UsageError(f"{flag}: unknown variant {part!r} in {name!r}; choose from {', '.join(VARIANTS)} "
+                             "(join several with '+')")
+        for key, value in VARIANTS[part].items():
+            node = c
+            *parents, leaf = key.split('.')
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
     return c
+
+
+def _check_backend(names, flag: str) -> None:
+    """cuDNN attention exists on NVIDIA GPUs only: refuse it elsewhere in one sentence."""
+    import jax
+
+    if any('cudnn' in n.split('+') for n in names) and jax.default_backend() != 'gpu':
+        raise UsageError(f"{flag}: the cudnn variant needs an NVIDIA GPU; this JAX backend is "
+                         f"{jax.default_backend()!r}.")
 
 
 def _median_time(fn, steps: int, warmup: int = 2) -> float:
@@ -86,6 +101,20 @@ def _memory(compiled) -> dict:
     return out
 
 
+def _model_flops(config, mesh, state, frozen, batch) -> float:
+    """Matmul FLOPs of one train step's math over all devices (``metrics.matmul_flops`` of its jaxpr), for
+    MFU: traced without rematerialisation (recomputation is not model work) and with XLA attention (the same
+    math as a cuDNN call, whose inside a jaxpr does not show)."""
+    from dreamvla_jax.training import metrics
+    from dreamvla_jax.training import state as state_lib
+
+    c = config.copy_and_resolve_references()
+    c.model.attention_impl = 'xla'
+    c.model.backbone.remat = c.model.dit.remat = 'none'
+    trainer = state_lib.make_trainer(c, mesh, steps_per_epoch=100, total_steps=1000)
+    return metrics.matmul_flops(trainer.step_fn.trace(state, frozen, batch).jaxpr)
+
+
 def bench_train(args) -> dict:
     """Train-step benchmark of each ``--compare`` variant (ratios against the first)."""
     import jax
@@ -98,6 +127,8 @@ def bench_train(args) -> dict:
     base = load_config(args.config)
     if not args.compare:
         args.compare = ['fp32', 'bf16'] if args.abstract else ['fp32', 'bf16', 'remat_full', 'remat_dots', 'no_donate']
+    if not args.abstract:
+        _check_backend(args.compare, '--compare')
     results = {'config': args.config, 'device': jax.devices()[0].device_kind, 'devices': jax.device_count(),
                'variants': {}}
     for name in args.compare:
@@ -111,7 +142,7 @@ def bench_train(args) -> dict:
         mesh = shd.make_mesh(config)
         batch = fake_batch(config, config.train.batch_size)
         trainer = state_lib.make_trainer(config, mesh, steps_per_epoch=100, total_steps=1000,
-                                         donate=name != 'no_donate')
+                                         donate='no_donate' not in name.split('+'))
         t0 = time.perf_counter()
         with jax.set_mesh(mesh):
             abs_state, abs_frozen = jax.eval_shape(lambda c=config, tx=trainer.tx: state_lib.init_state(c, tx))
@@ -127,7 +158,8 @@ def bench_train(args) -> dict:
                 gb = shd.global_batch(batch, trainer.batch_sharding)
             compiled = trainer.step_fn.lower(state, frozen, gb).compile()
             compile_s = time.perf_counter() - t0
-            row = {'compile_s': compile_s, 'flops_per_step': metrics.compiled_flops(compiled),
+            row = {'compile_s': compile_s, 'model_flops_per_step': _model_flops(config, mesh, state, frozen, gb),
+                   'flops_per_step': metrics.compiled_flops(compiled),
                    'memory': _memory(compiled), 'batch': config.train.batch_size}
             if not args.abstract:
                 holder = {'s': state}
@@ -138,10 +170,13 @@ def bench_train(args) -> dict:
 
                 row['step_s'] = _median_time(step, args.steps)
                 row['windows_per_s'] = config.train.batch_size / row['step_s']
-                row['mfu'] = metrics.mfu(row['flops_per_step'], row['step_s'], jax.devices())
+                per_device = row['model_flops_per_step'] and row['model_flops_per_step'] / jax.device_count()
+                row['mfu'] = metrics.mfu(per_device, row['step_s'], jax.devices())
                 stats = jax.devices()[0].memory_stats() or {}
                 row['peak_device_bytes'] = stats.get('peak_bytes_in_use')
         results['variants'][name] = row
+        # One line per variant as it finishes (stderr), so a run cut short still reports what it measured.
+        print(f"[benchmark train] {name}: " + json.dumps(row), file=sys.stderr, flush=True)
         gc.collect()
     first = results['variants'][args.compare[0]]
     for row in results['variants'].values():
@@ -152,13 +187,14 @@ def bench_train(args) -> dict:
 
 def _print_train(results: dict) -> None:
     print(f"train step: {results['config']} on {results['devices']} x {results['device']}")
+    width = max(11, *(len(n) for n in results['variants']))
     for name, r in results['variants'].items():
         mem = r['memory'].get('peak_estimate_bytes')
-        line = f"  {name:11s} compile {r['compile_s']:6.1f} s"
+        line = f"  {name:{width}s} compile {r['compile_s']:6.1f} s"
         if mem:
             line += f"  memory/device {mem / 2**30:7.2f} GiB"
-        if r.get('flops_per_step'):
-            line += f"  {r['flops_per_step'] / 1e12:8.3f} TFLOP/step"
+        if r.get('model_flops_per_step'):
+            line += f"  {r['model_flops_per_step'] / 1e12:8.3f} TFLOP/step"
         if 'step_s' in r:
             line += f"  step {r['step_s'] * 1e3:9.1f} ms  {r['windows_per_s']:7.2f} windows/s"
             speed = [v for k, v in r.items() if k.startswith('speedup_vs_')]
@@ -176,10 +212,11 @@ def bench_infer(args) -> dict:
     from dreamvla_jax.models import dreamvla
     from dreamvla_jax.policy import Policy
 
-    config = load_config(args.config)
+    _check_backend([args.variant], '--variant')
+    config = apply_variant(load_config(args.config), args.variant, '--variant')
     model = dreamvla.init_model(config)
     s = config.model.history
-    results = {'config': args.config, 'device': jax.devices()[0].device_kind, 'history': s,
+    results = {'config': args.config, 'variant': args.variant, 'device': jax.devices()[0].device_kind, 'history': s,
                'sample_steps': config.diffusion.sample_steps, 'batches': {}}
     rs = np.random.RandomState(0)
 
@@ -231,7 +268,8 @@ def bench_infer(args) -> dict:
 
 
 def _print_infer(results: dict) -> None:
-    print(f"policy latency: {results['config']} on {results['device']} (history {results['history']}, "
+    print(f"policy latency: {results['config']} ({results['variant']}) on {results['device']} "
+          f"(history {results['history']}, "
           f"DDIM {results['sample_steps']} + CFG, window sliding)")
     for n, row in results['batches'].items():
         for mode in ('full', 'fast'):
@@ -348,7 +386,8 @@ def parse_args(argv=None):
     t = sub.add_parser('train', help='train-step speed, FLOPs, MFU and memory per lever')
     t.add_argument('--config', default='configs/calvin.py:mid', help='configs/calvin.py[:preset]')
     t.add_argument('--compare', type=csv, default=None,
-                   help=f"comma list of variants, the first is the baseline ({', '.join(VARIANTS)}); default "
+                   help=f"comma list of variants, the first is the baseline ({', '.join(VARIANTS)}; join "
+                        "levers with '+', e.g. bf16+cudnn+no_attn_dropout); default "
                         "fp32,bf16,remat_full,remat_dots,no_donate (fp32,bf16 with --abstract)")
     t.add_argument('--abstract', action='store_true',
                    help='compile from abstract inputs and print the memory estimate; run nothing')
@@ -360,6 +399,8 @@ def parse_args(argv=None):
     i.add_argument('--batch-sizes', type=lambda s: [int(x) for x in csv(s)], default=[1, 8],
                    help='comma list of environment batch sizes (the first is reported as ms_per_control_step)')
     i.add_argument('--steps', type=int, default=3, help='timed control steps (median)')
+    i.add_argument('--variant', default='fp32',
+                   help="levers the policy runs with, as in train's --compare (e.g. bf16, bf16+cudnn)")
     i.add_argument('--json', action='store_true', help='print one JSON object instead of text')
     e = sub.add_parser('env', help='tabletop simulator steps per second')
     e.add_argument('--steps', type=int, default=100)

@@ -81,7 +81,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
       mask: boolean, broadcastable to ``[B, H, Tq, Tk]`` (True = may attend), or None.
       dropout_rate, rng: dropout on the attention probabilities (training only). With dropout the
         probabilities must be materialised, so that path is explicit; otherwise
-        ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU with implementation='cudnn').
+        ``jax.nn.dot_product_attention``.
+      implementation: None/'xla', or 'cudnn' (cuDNN flash attention on an NVIDIA GPU) for bf16/fp16
+        inputs; cuDNN takes no fp32, so fp32 attention (e.g. a module kept in fp32) stays on XLA's.
     Returns:
       ``[B, Tq, H, D]``.
     """
@@ -89,6 +91,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
         if mask is not None:
             mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
         impl = None if implementation in (None, 'xla') else implementation
+        if impl == 'cudnn' and q.dtype not in (jnp.bfloat16, jnp.float16):
+            impl = None
+        if impl == 'cudnn' and (q.shape[1] % 2 or k.shape[1] % 2):
+            # JAX 0.10-0.11 pass cuDNN an empty bias even without a mask, so its "even lengths with a bias"
+            # rule refuses every odd-length attention under a gradient: pad to even lengths.
+            tq = q.shape[1]
+            if mask is None:
+                mask = jnp.ones((q.shape[0], q.shape[2], q.shape[1], k.shape[1]), bool)
+            q, k, v, mask = pad_to_even(q, k, v, mask)
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)[:, :tq]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     scale = 1.0 / np.sqrt(q.shape[-1])
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * scale
@@ -97,6 +109,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     probs = dropout(probs, dropout_rate, rng)
     return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+
+
+def pad_to_even(q, k, v, mask):
+    """Pads odd query/key lengths by one (cuDNN's attention needs even lengths when training): the
+    padded key is masked out for every query; the padded query attends to every real key, and its output is
+    sliced off by the caller. ``mask`` is ``[B, H, Tq, Tk]``."""
+    pq, pk = q.shape[1] % 2, k.shape[1] % 2
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, pk)), constant_values=False)
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pq), (0, 0)), constant_values=True)
+    if pk:
+        mask = mask.at[:, :, :, -1].set(False)
+    return pad(q, pq), pad(k, pk), pad(v, pk), mask
 
 
 class FusedAttention(nnx.Module):

@@ -177,8 +177,10 @@ def train(config, workdir: str | Path, *, iterator=None, steps_per_epoch: int | 
         return {}
     first_batch, first_state = next(prefetch)
     with jax.set_mesh(mesh):
-        compiled = trainer.step_fn.lower(state, frozen, first_batch).compile()
-    flops = metrics_lib.compiled_flops(compiled)
+        traced = trainer.step_fn.trace(state, frozen, first_batch)
+        compiled = traced.lower().compile()
+    # Matmul FLOPs per device for MFU, from the jaxpr (XLA's cost analysis counts a scanned stack once).
+    flops = metrics_lib.matmul_flops(traced.jaxpr) / jax.device_count()
     global_batch = int(first_batch['robot_obs'].shape[0])
 
     # ------------------------------------------------------------------ loop
