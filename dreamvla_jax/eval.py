@@ -5,7 +5,7 @@ r"""Evaluate a DreamVLA checkpoint: CALVIN chains, the built-in tabletop tasks, 
   python -m dreamvla_jax.eval --config configs/calvin.py:debug --checkpoint runs/demo --env tabletop \
       --episodes-per-task 20 --baselines --data runs/demo_data
   python -m dreamvla_jax.eval --config configs/calvin.py --checkpoint runs/calvin --env offline \
-      --data /data/task_ABC_D --split validation
+      --calvin-root /data/task_ABC_D --split validation [--probe]
 
 Results go to ``--out`` (default ``<checkpoint>/eval_<env>``) as ``results.json`` and are printed as a
 table. The logic lives in ``dreamvla_jax.evaluation``; this file only wires flags to it.
@@ -50,8 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "object over the same start scenes (results.json 'probe'; ~0 = it does not localise it), "
                         "and (--policy model) regress each object's position from the image tokens over "
                         "--probe-scenes seeded scenes (results.json 'feature_probe', held-out R^2; ~0 = the "
-                        "images' tokens do not carry it)")
-    p.add_argument('--probe-scenes', type=int, default=600, help='scenes of the feature probe (default 600)')
+                        "images' tokens do not carry it); offline: that regression on --probe-scenes evenly "
+                        "spaced frames of --split against scene_obs (block positions, door/drawer/button/switch/"
+                        "light states)")
+    p.add_argument('--probe-scenes', type=int, default=600,
+                   help='scenes (tabletop) or dataset frames (offline) of the feature probe (default 600)')
     p.add_argument('--execute', choices=('first', 'chunk', 'ensemble'), help='default: config.eval.execute')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--split', default='validation', help='offline: dataset split')
@@ -208,7 +211,23 @@ def run_offline(args, config) -> tuple[dict, str]:
             p, t = offline.panel_inputs(first['batch'], first['pred'], j, history=m.history,
                                         future=config.data.future, cameras=m.cameras)
             save_png(Path(args.save_media) / f'offline_panel_{j:03d}.png', dream_panel(p, t, m.cameras))
-    return result, offline.format_offline(result)
+    table = offline.format_offline(result)
+    if args.probe:
+        from dreamvla_jax.data.calvin import CalvinDataset
+        from dreamvla_jax.evaluation import probe
+        from dreamvla_jax.policy import Policy
+
+        root = Path(config.data.root)  # a tabletop collection (collect.json) has its own scene_obs layout
+        targets = probe.TABLETOP_SCENE_TARGETS if (root / 'collect.json').exists() else probe.CALVIN_SCENE_TARGETS
+        policy = Policy.from_checkpoint(config, args.checkpoint, num_envs=1, seed=args.seed)
+        try:
+            result['feature_probe'] = probe.dataset_feature_probe(
+                policy.frame_features, CalvinDataset(root / args.split), frames=args.probe_scenes, targets=targets,
+                progress=not args.no_progress)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+        table += '\n' + probe.format_feature_probe(result['feature_probe'])
+    return result, table
 
 
 @friendly_errors
@@ -222,8 +241,8 @@ def main(argv=None) -> dict:
         apply_overrides(config, args.config_overrides)
     if args.workers < 0:
         raise UsageError('--workers must be >= 0')
-    if args.probe and args.env != 'tabletop':
-        raise UsageError(f'--probe needs --env tabletop (its objects\' positions), not --env {args.env}')
+    if args.probe and args.env not in ('tabletop', 'offline'):
+        raise UsageError(f'--probe needs --env tabletop or --env offline (objects\' positions), not --env {args.env}')
     if args.probe and args.probe_scenes < 20:
         raise UsageError(f'--probe-scenes must be >= 20 (a held-out R^2 needs them), not {args.probe_scenes}')
     out = Path(args.out or Path(args.checkpoint or '.') / f'eval_{args.env}')

@@ -93,9 +93,9 @@ def test_probe_outside_the_tabletop_is_one_clear_error(capsys):
     from dreamvla_jax import eval as eval_cli
 
     with pytest.raises(SystemExit) as e:
-        eval_cli.main(['--env', 'offline', '--probe'])
+        eval_cli.main(['--env', 'calvin', '--probe'])
     assert e.value.code == 2
-    assert '--probe needs --env tabletop' in capsys.readouterr().err
+    assert '--probe needs --env tabletop or --env offline' in capsys.readouterr().err
 
 
 def test_probe_scenes_below_twenty_is_one_clear_error(capsys):
@@ -142,3 +142,44 @@ def test_feature_probe_credits_features_that_carry_the_scene_and_only_those(env)
     assert button_only['button']['r2_x'] > 0.999
     assert button_only['red']['r2_x'] < 0.5
     assert 'button' in probe.format_feature_probe(button_only)
+
+
+def test_dataset_feature_probe_reads_scene_obs_of_evenly_spaced_frames(tmp_path):
+    from dreamvla_jax.data import synthetic
+    from dreamvla_jax.data.calvin import CalvinDataset, CalvinWriter
+
+    rng = np.random.default_rng(0)
+    w = CalvinWriter(tmp_path / 'validation')
+    for n in (30, 25, 35):  # 90 frames, scene_obs random per frame
+        w.add_episode(synthetic.episode_frames(n, rng, static_size=32, gripper_size=16, depth=False))
+    w.close()
+    ds = CalvinDataset(tmp_path / 'validation')
+    seen = []
+
+    def carries(obs):
+        seen.extend(o['scene_obs'][0] for o in obs)
+        return np.stack([o['scene_obs'] for o in obs])
+
+    r = probe.dataset_feature_probe(carries, ds, frames=45, batch=16, lam=1e-6)
+    assert sorted(r) == sorted(probe.CALVIN_SCENE_TARGETS)
+    assert {v['frames'] for v in r.values()} == {45}
+    # Evenly spaced frames from the first to the last, in frame-id order (the held-out rows are the split's
+    # last stretch of play).
+    first_value = {float(ds.frame(int(i), ['scene_obs'])['scene_obs'][0]): int(i) for i in ds.frame_ids()}
+    ids = [first_value[float(v)] for v in seen]
+    assert ids[0] == 0 and ids[-1] == 89 and set(np.diff(ids)) <= {2, 3}
+    assert r['red']['r2_x'] > 0.999 and r['pink']['r2_y'] > 0.999 and r['drawer']['r2'] > 0.999
+    # The drawer's joint alone: credited for the drawer, not for the blocks or the button.
+    drawer = probe.dataset_feature_probe(lambda obs: np.stack([o['scene_obs'][1:2] for o in obs]), ds, frames=90,
+                                         lam=1e-6)
+    assert drawer['drawer']['r2'] > 0.999
+    assert drawer['button']['r2'] < 0.2 and drawer['red']['r2_x'] < 0.2
+    assert 'drawer' in probe.format_feature_probe(drawer)
+    # The tabletop layout: the button is a position there.
+    table = probe.dataset_feature_probe(carries, ds, targets=probe.TABLETOP_SCENE_TARGETS, lam=1e-6)
+    assert table['button']['r2_x'] > 0.999 and table['light']['r2'] > 0.999
+    with pytest.raises(ValueError, match='needs >= 20'):
+        w2 = CalvinWriter(tmp_path / 'tiny')
+        w2.add_episode(synthetic.episode_frames(10, rng, static_size=32, gripper_size=16, depth=False))
+        w2.close()
+        probe.dataset_feature_probe(carries, CalvinDataset(tmp_path / 'tiny'))
