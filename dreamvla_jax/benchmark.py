@@ -1,8 +1,8 @@
 """Benchmarks: ``python -m dreamvla_jax.benchmark <subcommand> [--config FILE[:preset]] [--json]``.
 
 Subcommands (dispatch table ``COMMANDS``):
-  train  train-step time (median after warm-up), windows/s, model FLOPs per step (XLA cost analysis of the
-         step lowered with unrolled layers, no remat), MFU and memory, for each variant of ``--compare``
+  train  train-step time (median after warm-up), windows/s, model FLOPs per step (matmul FLOPs of the
+         step's jaxpr, no remat; ``metrics.matmul_flops``), MFU and memory, for each variant of ``--compare``
          (levers: fp32, bf16, remat_full, remat_dots, no_donate, cudnn, no_attn_dropout; ``a+b`` joins
          levers) with ratios against the first; ``--abstract`` only compiles the step from abstract inputs
          and prints the per-device memory estimate (full size on a CPU).
