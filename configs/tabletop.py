@@ -40,7 +40,9 @@ Presets (``--config configs/tabletop.py[:preset]``):
               -> 0.51 / 0.40, but red block 0.54 / 0.61 -> 0.30 / 0.19.
             loss.rgb_static=0.2, 1800 demonstrations, 8000 steps: 85.0% over 20 episodes per task (lift, push
               left, push right, place 100, stack 95, button 15; mean-action 10 on the button), button tokens
-              0.61 / 0.36; the button's first-action correlation stays ~0 (-0.41 / -0.01).
+              0.61 / 0.36; the button's first-action correlation stays ~0 (-0.41 / -0.01). At the demo's
+              budget (900 demonstrations, 4000 steps) the same weight gives 8.3% (lift 30, push left 10, place
+              10, the rest 0) against 41.7%: left at 0 (official).
             The first action only instead of the ensemble: 25.0% vs 31.7% on one 300-demonstration checkpoint.
             See README ("Honest status") for the runs before this preset and what each change did.
   quick     The same structure at 32 px with one layer per stack, 20 steps (the demo's `--quick` run).
