@@ -47,9 +47,9 @@ def matmul_flops(jaxpr) -> float:
     """Matrix-multiply FLOPs (2 per multiply-add of every ``dot_general`` and convolution) of a jaxpr, a
     ``scan`` body counted once per iteration and the costliest branch of a ``cond``; global over devices.
 
-    This is the usual numerator of MFU: backend-independent, blind to rematerialisation only if the jaxpr has
-    none, and complete where XLA's cost analysis is not (it counts a scanned layer stack's body once, and
-    nothing inside a cuDNN attention call).
+    This is the usual numerator of MFU: backend-independent, and complete where XLA's cost analysis is not (it
+    counts a scanned layer stack's body once, and nothing inside a cuDNN attention call). A step traced with
+    remat includes its recomputation (the benchmark traces without it; training's logged ``mfu`` does not).
     """
     jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
     total = 0.0
