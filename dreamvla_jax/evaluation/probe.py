@@ -113,6 +113,19 @@ def ridge_r2(features: np.ndarray, targets: np.ndarray, *, holdout: float = 0.3,
         return np.where(total > 1e-12, 1.0 - resid / np.maximum(total, 1e-300), np.nan)
 
 
+def _batched(frame_features, observations, batch: int) -> np.ndarray:
+    """``frame_features`` over an iterable of observations, ``batch`` at a time: ``[N, D]``."""
+    feats, pending = [], []
+    for obs in observations:
+        pending.append(obs)
+        if len(pending) == batch:
+            feats.append(np.asarray(frame_features(pending)))
+            pending = []
+    if pending:
+        feats.append(np.asarray(frame_features(pending)))
+    return np.concatenate(feats)
+
+
 def feature_probe(frame_features, env, tasks: Sequence[str], *, scenes: int = 600, seed: int = 0,
                   batch: int = 50, objects: Sequence[str] = PROBE_OBJECTS, lam: float = 10.0) -> dict:
     """``{object: {'r2_x', 'r2_y', 'scenes'}}``: how well the image tokens place each object.
@@ -123,15 +136,16 @@ def feature_probe(frame_features, env, tasks: Sequence[str], *, scenes: int = 60
     """
     if scenes < 20:
         raise ValueError(f'feature probe: {scenes} scenes are too few for a held-out R^2 (use >= 20)')
-    feats, xy, pending = [], [], []
-    for i in range(scenes):
-        pending.append(env.reset(seed=seed + i, task=tasks[i % len(tasks)]))
-        info = env.get_info()
-        xy.append(np.concatenate([object_xy(info, o) for o in objects]))
-        if len(pending) == batch or i == scenes - 1:
-            feats.append(np.asarray(frame_features(pending)))
-            pending = []
-    r2 = ridge_r2(np.concatenate(feats), np.asarray(xy), lam=lam)
+    xy = []
+
+    def observations():
+        for i in range(scenes):
+            obs = env.reset(seed=seed + i, task=tasks[i % len(tasks)])
+            info = env.get_info()
+            xy.append(np.concatenate([object_xy(info, o) for o in objects]))
+            yield obs
+
+    r2 = ridge_r2(_batched(frame_features, observations(), batch), np.asarray(xy), lam=lam)
     return {o: {'r2_x': float(r2[2 * j]), 'r2_y': float(r2[2 * j + 1]), 'scenes': scenes}
             for j, o in enumerate(objects)}
 
@@ -163,17 +177,17 @@ def dataset_feature_probe(frame_features, dataset, *, frames: int = 600, targets
     if len(picked) < 20:
         raise ValueError(f'feature probe: {dataset.root} has {len(ids)} frames; a held-out R^2 needs >= 20')
     columns = [i for idx in targets.values() for i in idx]
-    feats, values, pending = [], [], []
-    keys = ('rgb_static', 'rgb_gripper', 'robot_obs', 'scene_obs')
-    for n, fid in enumerate(tqdm(picked, desc='feature probe', disable=not progress, dynamic_ncols=True)):
-        f = dataset.frame(int(fid), keys)
-        pending.append({'rgb_obs': {'rgb_static': f['rgb_static'], 'rgb_gripper': f['rgb_gripper']},
-                        'robot_obs': f['robot_obs'], 'scene_obs': f['scene_obs']})
-        values.append(f['scene_obs'][columns])
-        if len(pending) == batch or n == len(picked) - 1:
-            feats.append(np.asarray(frame_features(pending)))
-            pending = []
-    r2 = ridge_r2(np.concatenate(feats), np.asarray(values), lam=lam)
+    values = []
+
+    def observations():
+        keys = ('rgb_static', 'rgb_gripper', 'robot_obs', 'scene_obs')
+        for fid in tqdm(picked, desc='feature probe', disable=not progress, dynamic_ncols=True):
+            f = dataset.frame(int(fid), keys)
+            values.append(f['scene_obs'][columns])
+            yield {'rgb_obs': {'rgb_static': f['rgb_static'], 'rgb_gripper': f['rgb_gripper']},
+                   'robot_obs': f['robot_obs'], 'scene_obs': f['scene_obs']}
+
+    r2 = ridge_r2(_batched(frame_features, observations(), batch), np.asarray(values), lam=lam)
     out, j = {}, 0
     for name, idx in targets.items():
         if len(idx) == 2:
