@@ -49,7 +49,7 @@ run() {  # run NAME LIMIT ARGS...: one benchmark, JSON to NAME.json, progress an
 # the fp32 policy did not finish compiling and running within 120 s on an H100).
 run infer_bf16 "${INFER_S:-150}" infer --config "$config" --batch-sizes 1 --steps 5 --variant bf16
 # Train step, batch 8 (the default batch of 16 needs ~95 GiB with attention dropout: over one 80 GB card):
-# bf16 first (the MFU target), then cuDNN attention without attention dropout, then the fp32 baseline.
-run train "${TRAIN_S:-480}" train --config "$config" --batch "${BATCH:-8}" --steps 5 \
-  --compare "${COMPARE:-bf16,bf16+cudnn+no_attn_dropout,fp32}"
+# bf16 first, then cuDNN attention without attention dropout, the same with unrolled layers, then fp32.
+run train "${TRAIN_S:-600}" train --config "$config" --batch "${BATCH:-8}" --steps 5 \
+  --compare "${COMPARE:-bf16,bf16+cudnn+no_attn_dropout,bf16+cudnn+no_attn_dropout+unroll,fp32}"
 run infer "${INFER_FP32_S:-300}" infer --config "$config" --batch-sizes 1 --steps 5

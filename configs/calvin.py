@@ -53,6 +53,7 @@ def model_config(preset='default'):
     m.dtype = 'float32'        # compute dtype of trainable parts ('float32' | 'bfloat16')
     m.param_dtype = 'float32'  # master weights
     m.attention_impl = 'xla'   # jax.nn.dot_product_attention implementation: 'xla' | 'cudnn'
+    m.unroll_layers = False    # train step: unroll the layer scans (no stacked-activation copies; slower compile)
     m.freeze = ('text_encoder', 'vision_encoder')  # top-level modules excluded from training
 
     # CLIP ViT-B/32 text tower (frozen).

@@ -1,11 +1,14 @@
 """Benchmarks: ``python -m dreamvla_jax.benchmark <subcommand> [--config FILE[:preset]] [--json]``.
 
 Subcommands (dispatch table ``COMMANDS``):
-  train  train-step time (median after warm-up), windows/s, model FLOPs per step (matmul FLOPs of the
+  train  train-step time (steps queued back to back as the training loop runs them; ``step_s_synced``: the
+         median with a sync after every step), windows/s, model FLOPs per step (matmul FLOPs of the
          step's jaxpr, no remat; ``metrics.matmul_flops``), MFU and memory, for each variant of ``--compare``
-         (levers: fp32, bf16, remat_full, remat_dots, no_donate, cudnn, no_attn_dropout; ``a+b`` joins
+         (levers: fp32, bf16, remat_full, remat_dots, no_donate, cudnn, no_attn_dropout, unroll; ``a+b`` joins
          levers) with ratios against the first; ``--abstract`` only compiles the step from abstract inputs
-         and prints the per-device memory estimate (full size on a CPU).
+         and prints the per-device memory estimate (full size on a CPU); ``--profile DIR`` traces 3
+         steps per variant and reports device milliseconds per module, forward and backward
+         (``training.profile``).
   infer  policy latency per control step and per action chunk, full recomputation (official) vs the
          exact fast path, at batch 1 and batch N, with the window already sliding (``--variant bf16``...).
   env    built-in tabletop simulator steps per second with both cameras.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -46,6 +50,7 @@ VARIANTS = {
     'no_donate': {},
     'cudnn': {'model.attention_impl': 'cudnn'},
     'no_attn_dropout': {'model.backbone.attn_dropout': 0.0},
+    'unroll': {'model.unroll_layers': True},
 }
 
 
@@ -101,10 +106,10 @@ def _memory(compiled) -> dict:
     return out
 
 
-def _model_flops(config, mesh, state, frozen, batch) -> float:
-    """Matmul FLOPs of one train step's math over all devices (``metrics.matmul_flops`` of its jaxpr), for
-    MFU: traced without rematerialisation (recomputation is not model work) and with XLA attention (the same
-    math as a cuDNN call, whose inside a jaxpr does not show)."""
+def _model_flops(config, mesh, state, frozen, batch) -> list[tuple[str, float]]:
+    """Matmul FLOPs of one train step's math over all devices (``metrics.matmul_terms`` of its jaxpr: one
+    ``(name stack, FLOPs)`` per matmul), for MFU: traced without rematerialisation (recomputation is not model
+    work) and with XLA attention (the same math as a cuDNN call, whose inside a jaxpr does not show)."""
     from dreamvla_jax.training import metrics
     from dreamvla_jax.training import state as state_lib
 
@@ -112,11 +117,13 @@ def _model_flops(config, mesh, state, frozen, batch) -> float:
     c.model.attention_impl = 'xla'
     c.model.backbone.remat = c.model.dit.remat = 'none'
     trainer = state_lib.make_trainer(c, mesh, steps_per_epoch=100, total_steps=1000)
-    return metrics.matmul_flops(trainer.step_fn.trace(state, frozen, batch).jaxpr)
+    return metrics.matmul_terms(trainer.step_fn.trace(state, frozen, batch).jaxpr)
 
 
 def bench_train(args) -> dict:
     """Train-step benchmark of each ``--compare`` variant (ratios against the first)."""
+    if args.profile:  # XLA:GPU command buffers (CUDA graphs) would hide which HLO op each kernel belongs to
+        os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_gpu_enable_command_buffer=').strip()
     import jax
 
     from dreamvla_jax import sharding as shd
@@ -158,7 +165,8 @@ def bench_train(args) -> dict:
                 gb = shd.global_batch(batch, trainer.batch_sharding)
             compiled = trainer.step_fn.lower(state, frozen, gb).compile()
             compile_s = time.perf_counter() - t0
-            row = {'compile_s': compile_s, 'model_flops_per_step': _model_flops(config, mesh, state, frozen, gb),
+            terms = _model_flops(config, mesh, state, frozen, gb)
+            row = {'compile_s': compile_s, 'model_flops_per_step': sum(f for _, f in terms),
                    'flops_per_step': metrics.compiled_flops(compiled),
                    'memory': _memory(compiled), 'batch': config.train.batch_size}
             if not args.abstract:
@@ -168,12 +176,32 @@ def bench_train(args) -> dict:
                     holder['s'], m = compiled(holder['s'], frozen, gb)
                     jax.block_until_ready(m['loss'])
 
-                row['step_s'] = _median_time(step, args.steps)
+                def pipelined(n):  # as the training loop runs: the next step is queued before this one ends
+                    pending = None
+                    for _ in range(n):
+                        holder['s'], m = compiled(holder['s'], frozen, gb)
+                        if pending is not None:
+                            jax.block_until_ready(pending['loss'])
+                        pending = m
+                    jax.block_until_ready(pending['loss'])
+
+                step()
+                row['step_s'] = _median_time(lambda: pipelined(args.steps), 3, warmup=0) / args.steps
+                row['step_s_synced'] = _median_time(step, args.steps)
                 row['windows_per_s'] = config.train.batch_size / row['step_s']
                 per_device = row['model_flops_per_step'] and row['model_flops_per_step'] / jax.device_count()
                 row['mfu'] = metrics.mfu(per_device, row['step_s'], jax.devices())
                 stats = jax.devices()[0].memory_stats() or {}
                 row['peak_device_bytes'] = stats.get('peak_bytes_in_use')
+                if args.profile:  # after the timing: tracing slows the steps it records
+                    from dreamvla_jax.training import profile
+
+                    try:
+                        logdir = os.path.join(args.profile, name.replace('+', '_'))
+                        row['profile'] = profile.profile_step(lambda: pipelined(3), 3, logdir,
+                                                              compiled.as_text(), terms, calls=1)
+                    except Exception as e:  # a profiler that cannot start (no CUPTI) keeps the timings
+                        row['profile'] = {'error': f'{type(e).__name__}: {e}'}
         results['variants'][name] = row
         # One line per variant as it finishes (stderr), so a run cut short still reports what it measured.
         print(f"[benchmark train] {name}: " + json.dumps(row), file=sys.stderr, flush=True)
@@ -203,6 +231,15 @@ def _print_train(results: dict) -> None:
             if r.get('mfu'):
                 line += f"  MFU {100 * r['mfu']:.1f}%"
         print(line)
+        prof = r.get('profile')
+        if prof and 'error' in prof:
+            print(f"    profile: {prof['error']}")
+        elif prof:
+            print(f"    device time {prof['device_ms_per_step']:.1f} ms/step by module:")
+            for scope, ms in prof['by_scope_ms'].items():
+                line = f"      {scope:24s} {ms:9.2f} ms  {100 * ms / max(prof['device_ms_per_step'], 1e-9):5.1f}%"
+                tf = prof['by_scope_tflop_per_s'].get(scope)
+                print(line + (f"  {tf:7.1f} TFLOP/s (matmuls)" if tf else ''))
 
 
 def bench_infer(args) -> dict:
@@ -393,6 +430,10 @@ def parse_args(argv=None):
                    help='compile from abstract inputs and print the memory estimate; run nothing')
     t.add_argument('--batch', type=int, default=0, help='global batch (default: config.train.batch_size)')
     t.add_argument('--steps', type=int, default=5, help='timed steps (median)')
+    t.add_argument('--profile', default=None, metavar='DIR',
+                   help='trace 3 steps per variant into DIR/<variant> after timing and report device '
+                        'milliseconds per module (fwd/bwd) and the costliest HLO ops; turns off XLA:GPU '
+                        'command buffers for the whole run, so its timings are without them')
     t.add_argument('--json', action='store_true', help='print one JSON object instead of text')
     i = sub.add_parser('infer', help='policy latency, full recomputation vs fast path')
     i.add_argument('--config', default='configs/calvin.py', help='configs/calvin.py[:preset]')

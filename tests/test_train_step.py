@@ -1,5 +1,7 @@
 """Train step on the mesh: sharded == single device, FSDP placement, frozen weights, schedules."""
 
+import re
+
 import jax
 import numpy as np
 import optax
@@ -48,6 +50,39 @@ def test_sharded_step_equals_single_device(runs):
     for a, b in zip(jax.tree.leaves(s1['params']), jax.tree.leaves(s8['params'])):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
     assert int(s8["step"]) == 1
+
+
+def test_unrolled_layers_give_the_same_step(runs):
+    """config.model.unroll_layers (the GPU lever that avoids the scan's stacked-activation copies) is the same
+    math: one step from the same state matches the scanned one."""
+    cfg, (s1, _, _, m1), _ = runs
+    cfg = cfg.copy_and_resolve_references()
+    cfg.model.unroll_layers = True
+    su, _, _, mu = _run(cfg, jax.devices()[:1], fake_batch.fake_batch(cfg, 8, seed=1), steps=1)
+    for k in m1:
+        np.testing.assert_allclose(np.asarray(mu[k]), np.asarray(m1[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(s1['params']), jax.tree.leaves(su['params']), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+
+
+def test_unrolled_layers_leave_no_while_loop():
+    cfg = _config()
+    mesh = shd.make_mesh(cfg, devices=jax.devices()[:1])
+    texts = {}
+    for unroll in (False, True):
+        cfg.model.unroll_layers = unroll
+        trainer = state_lib.make_trainer(cfg, mesh, steps_per_epoch=10, total_steps=100)
+        with jax.set_mesh(mesh):
+            st, fr = jax.eval_shape(lambda c=cfg, t=trainer.tx: state_lib.init_state(c, t))
+            b = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fake_batch.fake_batch(cfg, 8))
+            texts[unroll] = str(trainer.step_fn.trace(st, fr, b).jaxpr)
+    # Every layer stack is one scan either way; unrolled, each scan's unroll equals its length (it lowers to
+    # straight-line code, no while loop).
+    pairs = {k: re.findall(r'length=(\d+)\s+num_carry=\d+\s+num_consts=\d+\s+reverse=\S+\s+'
+                           r'unroll=(\d+)', t) for k, t in texts.items()}
+    assert len(pairs[False]) == len(pairs[True]) >= 6
+    assert all(u == '1' for _, u in pairs[False]) and any(n != '1' for n, _ in pairs[False])
+    assert all(n == u for n, u in pairs[True])
 
 
 def test_large_parameters_are_sharded_over_fsdp(runs):

@@ -126,7 +126,8 @@ class DreamVLA(nnx.Module):
         emb = inputs.get('text_embedding')
         trained = emb is None and 'text_encoder' not in self.cfg.freeze
         if emb is None:
-            emb, _ = self.text_encoder(inputs['text_tokens'])
+            with jax.named_scope('text_encoder'):
+                emb, _ = self.text_encoder(inputs['text_tokens'])
         if not trained:
             emb = jax.lax.stop_gradient(emb)
         return self.text_projector(emb.astype(self.dtype))
@@ -141,11 +142,13 @@ class DreamVLA(nnx.Module):
         cams = self.cfg.cameras
         b, t = images[cams[0]].shape[:2]
         flat = jnp.concatenate([images[c].reshape((b * t,) + images[c].shape[2:]) for c in cams])
-        tokens = self.vision_encoder(flat)
+        with jax.named_scope('vision_encoder'):
+            tokens = self.vision_encoder(flat)
         if 'vision_encoder' in self.cfg.freeze:
             tokens = jax.lax.stop_gradient(tokens)
         tokens = tokens.astype(self.dtype)
-        latents = self.resampler(tokens[:, 1:])
+        with jax.named_scope('resampler'):
+            latents = self.resampler(tokens[:, 1:])
         out = {}
         for i, cam in enumerate(cams):
             sl = slice(i * b * t, (i + 1) * b * t)
@@ -197,7 +200,8 @@ class DreamVLA(nnx.Module):
         mask = jnp.asarray(_mask(self.cfg, s, queries_at))
         r_emb, r_blocks = layers.split_rng(rng, 2)
         seq = layers.dropout(self.embedding_ln(seq), self.cfg.backbone.dropout, r_emb)
-        h = self.backbone(seq, mask, rng=r_blocks)
+        with jax.named_scope('backbone'):
+            h = self.backbone(seq, mask, rng=r_blocks)
         # Gather the query outputs back into [B, Q, n_queries, D].
         if queries_at == tuple(range(s)):
             hq = h.reshape(b, s, nc + q.shape[0], d)[:, :, nc:]
@@ -234,8 +238,9 @@ class DreamVLA(nnx.Module):
         b = out['action'].shape[0]
         terms = {}
         for name in masks.enabled_dreams(cfg):
-            pred = getattr(self, f'decoder_{name}')(out[f'dream_{name}'].reshape(b * s, -1, cfg.hidden))
-            terms[name] = self._dream_loss(name, pred, inputs)
+            with jax.named_scope(f'decoder_{name}'):  # named scopes group the ops of a profile by module
+                pred = getattr(self, f'decoder_{name}')(out[f'dream_{name}'].reshape(b * s, -1, cfg.hidden))
+                terms[name] = self._dream_loss(name, pred, inputs)
 
         # Actions: epsilon-prediction with repeated noise and condition dropout (CFG).
         x0 = self.action_targets(inputs['rel_actions']).reshape(b * s, cfg.action.chunk, -1)
@@ -245,8 +250,9 @@ class DreamVLA(nnx.Module):
             cond = jnp.where(drop, self.action_head.uncondition[...].astype(cond.dtype), cond)
         dcfg = self.diffusion_cfg
         noisy, noise, t = diffusion.training_example(r_diff, x0, dcfg)
-        eps = self.action_head(noisy.astype(self.dtype), t, jnp.repeat(cond, dcfg.repeats, axis=0))
-        terms['action'] = losses.mse(eps, noise)
+        with jax.named_scope('action_head'):
+            eps = self.action_head(noisy.astype(self.dtype), t, jnp.repeat(cond, dcfg.repeats, axis=0))
+            terms['action'] = losses.mse(eps, noise)
         total = sum(self.loss_cfg[name] * value for name, value in terms.items())
         return total, {'loss': total, **{f'loss_{k}': v for k, v in terms.items()}}
 

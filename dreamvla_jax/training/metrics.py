@@ -51,30 +51,39 @@ def matmul_flops(jaxpr) -> float:
     counts a scanned layer stack's body once, and nothing inside a cuDNN attention call). A step traced with
     remat includes its recomputation (the benchmark traces without it; training's logged ``mfu`` does not).
     """
+    return sum(flops for _, flops in matmul_terms(jaxpr))
+
+
+def matmul_terms(jaxpr, scope: str = '') -> list[tuple[str, float]]:
+    """``[(name stack, FLOPs)]`` of every matmul of ``matmul_flops``, each with its full ``jax.named_scope``
+    path (e.g. ``transpose(jvp(backbone))/...``; sub-jaxprs inherit the path of the equation that holds them),
+    so that FLOPs can be grouped by module (``training.profile.scope_of``)."""
     jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
-    total = 0.0
+    out = []
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
+        stack = str(eqn.source_info.name_stack)
+        path = '/'.join(p for p in (scope, stack) if p)
         if name == 'dot_general':
             (lhs_contract, _), _ = eqn.params['dimension_numbers']
             lhs = eqn.invars[0].aval.shape
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
+            out.append((path, 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)))
         elif name == 'conv_general_dilated':
             rhs = eqn.invars[1].aval.shape  # kernel: out features x in features/groups x spatial (OI...)
             spec = eqn.params['dimension_numbers']
             out_feature_dim = spec.rhs_spec[0] if spec is not None else 0
             per_output = math.prod(rhs) // rhs[out_feature_dim]
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
-        subs = [matmul_flops(j) for j in _sub_jaxprs(eqn.params)]
+            out.append((path, 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output))
+        subs = [matmul_terms(j, path) for j in _sub_jaxprs(eqn.params)]
         if not subs:
             continue
         if name == 'cond':
-            total += max(subs)
+            out += max(subs, key=lambda terms: sum(f for _, f in terms))
         elif name == 'scan':
-            total += eqn.params['length'] * sum(subs)
+            out += [(p, eqn.params['length'] * f) for terms in subs for p, f in terms]
         else:
-            total += sum(subs)
-    return total
+            out += [t for terms in subs for t in terms]
+    return out
 
 
 def mfu(flops_per_device: float | None, step_time: float, devices) -> float | None:

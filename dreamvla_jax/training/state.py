@@ -18,7 +18,7 @@ from flax import nnx
 
 from dreamvla_jax import sharding as shd
 from dreamvla_jax.data import preprocess
-from dreamvla_jax.models import dreamvla
+from dreamvla_jax.models import dreamvla, layers
 from dreamvla_jax.training import optimizer
 
 
@@ -47,16 +47,24 @@ def init_state(config, tx: optax.GradientTransformation):
 
 def train_step(config, graphdef, tx, schedule, state, frozen, batch):
     """One optimizer step. Pure: same (state, frozen, batch) -> same result, bit for bit."""
+    with layers.unrolled_layers(config.model.get('unroll_layers', False)):
+        return _train_step(config, graphdef, tx, schedule, state, frozen, batch)
+
+
+def _train_step(config, graphdef, tx, schedule, state, frozen, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
     r_aug, r_model = jax.random.split(rng)
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params, frozen)
-        return model.compute_loss(preprocess.preprocess(batch, config, r_aug), r_model)
+        with jax.named_scope('preprocess'):
+            inputs = preprocess.preprocess(batch, config, r_aug)
+        return model.compute_loss(inputs, r_model)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
+    with jax.named_scope('optimizer'):
+        updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+        params = optax.apply_updates(state['params'], updates)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
                    update_norm=optax.global_norm(updates), lr=schedule(state['step']))
     new = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state, 'rng': state['rng']}
