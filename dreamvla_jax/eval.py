@@ -186,7 +186,10 @@ def run_offline(args, config) -> tuple[dict, str]:
                          'checkpoint), which this version lacks') from e
     if args.calvin_root:
         config.data.root = args.calvin_root
-    predict = make_offline_predict(config, args.checkpoint)
+    from dreamvla_jax.training.checkpoint import load_model_state
+
+    model = load_model_state(config, args.checkpoint)  # read once: the predictions and the probe share it
+    predict = make_offline_predict(config, args.checkpoint, model=model)
     batches = pipeline.make_batches(config, args.split, num_epochs=1, batch_size=args.batch_size,
                                     shuffle=False)
     m = config.model
@@ -219,7 +222,7 @@ def run_offline(args, config) -> tuple[dict, str]:
 
         root = Path(config.data.root)  # a tabletop collection (collect.json) has its own scene_obs layout
         targets = probe.TABLETOP_SCENE_TARGETS if (root / 'collect.json').exists() else probe.CALVIN_SCENE_TARGETS
-        policy = Policy.from_checkpoint(config, args.checkpoint, num_envs=1, seed=args.seed)
+        policy = Policy(config, model, num_envs=1, seed=args.seed)
         try:
             result['feature_probe'] = probe.dataset_feature_probe(
                 policy.frame_features, CalvinDataset(root / args.split), frames=args.probe_scenes, targets=targets,

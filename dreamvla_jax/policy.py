@@ -352,13 +352,15 @@ class Policy:
         return np.stack(out)
 
 
-def make_offline_predict(config, checkpoint, *, seed: int = 0):
+def make_offline_predict(config, checkpoint, *, seed: int = 0, model: dreamvla.DreamVLA | None = None):
     """``predict(batch)`` for ``evaluation.offline``: ``batch`` is a preprocessed pipeline batch (no
     augmentation). Returns ``{'actions': [B, S, chunk, 7] raw, 'dream_<name>': [B*S, cams, n_mask, out]}``.
+    ``model``: an already loaded model (then ``checkpoint`` is not read).
     """
-    from dreamvla_jax.training.checkpoint import load_model_state
+    if model is None:
+        from dreamvla_jax.training.checkpoint import load_model_state
 
-    model = load_model_state(config, checkpoint)
+        model = load_model_state(config, checkpoint)
     graphdef, state = nnx.split(model)
     s = config.model.history
 
