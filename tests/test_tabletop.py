@@ -9,6 +9,7 @@ from dreamvla_jax.envs.tabletop import (
     BLOCK_HALF,
     SCENE_OBS_DIM,
     SCENE_OBS_LABELS,
+    SEGMENT_CLASSES,
     TASK_INSTRUCTIONS,
     TASK_NAMES,
     TabletopEnv,
@@ -217,6 +218,17 @@ def test_collect_writes_calvin_dataset_that_replays(tmp_path, env):
         assert (ann.start, ann.end) == (s, e) and ann.instruction == TASK_INSTRUCTIONS[ann.task]
     assert train.image_shapes() == {'rgb_static': (200, 200, 3), 'rgb_gripper': (84, 84, 3),
                                     'depth_static': (200, 200), 'depth_gripper': (84, 84)}
+    # The simulator's object classes (the SAM stand-in): each object's pixels have its colour.
+    first = train.frame(int(train.episodes[2, 0]), ['rgb_static', 'seg_static', 'seg_gripper'])
+    assert first['seg_static'].shape == (200, 200) and first['seg_static'].dtype == np.uint8
+    assert first['seg_gripper'].shape == (84, 84)
+    rgb, seg = first['rgb_static'].astype(int), first['seg_static']
+    for name in ('red', 'blue', 'pink', 'zone', 'button_cap', 'button_base', 'table'):
+        assert (seg == SEGMENT_CLASSES.index(name)).sum() > 30, name
+    cap = rgb[seg == SEGMENT_CLASSES.index('button_cap')].mean(0)
+    red = rgb[seg == SEGMENT_CLASSES.index('red')].mean(0)
+    assert cap[0] > 120 and cap[1] > 120 and cap[2] < 60, cap                 # yellow
+    assert red[0] > 120 and red[1] < 60 and red[2] < 60, red
     # Replaying the stored relative actions from the stored first state solves the annotated task again.
     for ann, (s, e) in zip(train.annotations, train.episodes, strict=True):
         frames = [train.frame(i) for i in range(s, e + 1)]

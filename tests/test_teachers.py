@@ -127,6 +127,52 @@ def test_feature_grid_stores_the_pooled_map(data, tmp_path):
     assert (opts.sam_grid, opts.dino_grid) == (16, 16)
 
 
+def test_segmentation_stands_in_for_sam(tmp_path):
+    """``--sam segmentation``: the SAM field is the square root of each object class's share of every cell (the
+    background classes 0 and 1 zero), read from the frames' seg_static / seg_gripper (the tabletop collect's
+    object classes), at the config's grid."""
+    from dreamvla_jax.data.calvin import CalvinWriter
+    from dreamvla_jax.teachers.segmentation import class_shares
+
+    rng = np.random.default_rng(0)
+    frames = synthetic.episode_frames(12, rng, depth=False)
+    seg_s = np.zeros((12, 200, 200), np.uint8)
+    seg_s[:, :, 100:] = 3                       # right half: class 3
+    seg_s[:, 0:25, 0:5] = 9                     # a small object: 5 of the 25 columns of cell (0, 0) at 8x8
+    seg_g = rng.integers(0, 11, (12, 84, 84)).astype(np.uint8)   # 84 px: cells straddle pixels
+    w = CalvinWriter(tmp_path / 'd' / 'training')
+    w.add_episode({**frames, 'seg_static': seg_s, 'seg_gripper': seg_g}, [(0, 11, 't', 'x')])
+    w.close()
+    out = tmp_path / 'store'
+    assert cli.main(['--data', str(tmp_path / 'd'), '--out', str(out), '--teachers', 'sam', '--sam', 'segmentation',
+                     '--feature-grid', '8', '--no-progress']) == 0
+    m = json.loads((out / 'manifest.json').read_text())
+    assert m['teachers']['sam']['source'].startswith('dataset segmentation') and not m['random_init']
+    assert m['fields'] == {'sam': {'shape': [2, 8, 8, 256], 'dtype': 'float16'}}
+    sam = store_lib.FeatureStore(out).get(5)['sam'].astype(np.float32)
+    static = sam[0]
+    np.testing.assert_allclose(static[0, 0, 9], np.sqrt(0.2), atol=1e-3)   # the small object's share, rooted
+    np.testing.assert_allclose(static[3, 5, 3], 1.0, atol=1e-3)            # right half: class 3 only
+    assert not static[3, 2].any()                                            # left half: background, no target
+    assert not static[..., [0, 1, 2]].any() and not static[..., 10:].any()
+    # Gripper camera: each object class's share per cell (area-weighted at 84 / 8 = 10.5 px), background zeroed.
+    g = sam[1] ** 2
+    shares = (seg_g[5, :21, :21, None] == np.arange(11)).mean((0, 1))    # cells (0,0)+(0,1)+(1,0)+(1,1) = 21 px
+    np.testing.assert_allclose(g[:2, :2, 2:11].mean((0, 1)), shares[2:], atol=5e-3)
+    background = class_shares((seg_g[5:6] <= 1).astype(np.uint8), 8, 2)[0, ..., 1]
+    np.testing.assert_allclose(g.sum(-1), 1.0 - background, atol=5e-3)
+    # A dataset without segmentation keys is refused in one sentence.
+    with pytest.raises(DataError, match='no seg_static / seg_gripper'):
+        precompute.run(precompute.Options(data=str(_no_seg(tmp_path)), out=str(tmp_path / 'x'), teachers=('sam',),
+                                          sam='segmentation', progress=False))
+
+
+def _no_seg(tmp_path):
+    root = tmp_path / 'plain'
+    synthetic.write_split(root / 'training', [(12, [(0, 11, 't', 'x')])], depth=False)
+    return root
+
+
 def test_pseudo_depth_and_dino(tmp_path):
     synthetic.write_split(tmp_path / 'nodepth', [(8, [(0, 7, 't', 'do it')])], depth=False)
     out = tmp_path / 'store'

@@ -9,7 +9,9 @@ so the output is a function of the arguments and does not depend on --workers.
 
 Frame contents follow calvin_env's renderer: ``rel_actions[t]`` is the relative action sent to ``env.step`` at
 frame t (so replaying them through the env reproduces the episode exactly) and ``actions[t]`` the absolute
-TCP pose of frame t+1 with that action's gripper command.
+TCP pose of frame t+1 with that action's gripper command. Each frame also holds ``seg_static`` /
+``seg_gripper`` (uint8 object classes, ``tabletop.SEGMENT_CLASSES``; CALVIN readers ignore keys they do not
+know) unless ``--no-segmentation``: the teachers' simulator stand-in for SAM (``--sam segmentation``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def episode_frames(obs_list, actions) -> dict[str, np.ndarray]:
     robot = np.stack([o['robot_obs'] for o in obs_list]).astype(np.float64)
     # calvin_env: "action is robot state of next frame" -> next TCP pose + this frame's gripper command.
     absolute = np.concatenate([robot[1:, :6], rel[:, 6:7]], axis=1)
-    return {
+    frames = {
         'rgb_static': np.stack([o['rgb_obs']['rgb_static'] for o in obs_list[:t]]),
         'rgb_gripper': np.stack([o['rgb_obs']['rgb_gripper'] for o in obs_list[:t]]),
         'depth_static': np.stack([o['depth_obs']['depth_static'] for o in obs_list[:t]]),
@@ -55,16 +57,20 @@ def episode_frames(obs_list, actions) -> dict[str, np.ndarray]:
         'rel_actions': rel,
         'actions': absolute,
     }
+    if 'seg_obs' in obs_list[0]:
+        for key in ('seg_static', 'seg_gripper'):
+            frames[key] = np.stack([o['seg_obs'][key] for o in obs_list[:t]])
+    return frames
 
 
 def collect_episode(task: str, seed: int, split: str, index: int, max_steps: int = 120,
                     extra_steps: int = 3, noise: float = 0.05, perturb: float = 0.0,
-                    env: TabletopEnv | None = None) -> dict:
+                    env: TabletopEnv | None = None, segmentation: bool = True) -> dict:
     """One successful demo for slot ``index`` (tries up to ``MAX_ATTEMPTS`` seeds).
 
     Returns ``{'task', 'seed', 'attempts', 'frames' (or None if every attempt failed), 'success_step'}``.
     """
-    env = env or _worker_env()
+    env = env or _worker_env(segmentation)
     for attempt in range(MAX_ATTEMPTS):
         ep_seed = episode_seed(seed, split, index, attempt)
         out = run_expert_episode(env, task, ep_seed, max_steps=max_steps, extra_steps=extra_steps,
@@ -75,10 +81,10 @@ def collect_episode(task: str, seed: int, split: str, index: int, max_steps: int
     return {'task': task, 'seed': None, 'attempts': MAX_ATTEMPTS, 'success_step': None, 'frames': None}
 
 
-def _worker_env() -> TabletopEnv:
+def _worker_env(segmentation: bool = True) -> TabletopEnv:
     global _WORKER_ENV
-    if _WORKER_ENV is None:
-        _WORKER_ENV = TabletopEnv(render=True)
+    if _WORKER_ENV is None or _WORKER_ENV.segmentation != segmentation:
+        _WORKER_ENV = TabletopEnv(render=True, segmentation=segmentation)
     return _WORKER_ENV
 
 
@@ -87,7 +93,8 @@ def _collect_job(job):
 
 
 def collect(out: str | Path, episodes: int, val_episodes: int, tasks=None, seed: int = 0, workers: int = 1,
-            max_steps: int = 120, noise: float = 0.05, perturb: float = 0.0, progress: bool = True) -> dict:
+            max_steps: int = 120, noise: float = 0.05, perturb: float = 0.0, progress: bool = True,
+            segmentation: bool = True) -> dict:
     """Writes the ``out/training`` and ``out/validation`` CALVIN splits; returns (and saves) a summary.
 
     Episode ``i`` of a split runs task ``tasks[i % len(tasks)]``.
@@ -99,10 +106,10 @@ def collect(out: str | Path, episodes: int, val_episodes: int, tasks=None, seed:
     out = Path(out)
     sizes = {'training': episodes, 'validation': val_episodes}
     jobs = [dict(task=tasks[i % len(tasks)], seed=seed, split=split, index=i, max_steps=max_steps,
-                 noise=noise, perturb=perturb)
+                 noise=noise, perturb=perturb, segmentation=segmentation)
             for split, n in sizes.items() for i in range(n)]
     writers = {s: CalvinWriter(out / s) for s, n in sizes.items() if n}
-    summary = {'seed': seed, 'noise': noise, 'perturb': perturb, 'tasks': tasks,
+    summary = {'seed': seed, 'noise': noise, 'perturb': perturb, 'tasks': tasks, 'segmentation': segmentation,
                'splits': {s: {'episodes': 0, 'frames': 0} for s in writers},
                'per_task': {t: {'episodes': 0, 'attempts': 0, 'mean_len': 0.0} for t in tasks},
                'failed_slots': []}
@@ -155,10 +162,13 @@ def main(argv=None):
     parser.add_argument('--perturb', type=float, default=0.0,
                         help='DART noise: std (action units) of perturbations executed on 30%% of move steps '
                              'while the expert\'s own action is recorded (0: off)')
+    parser.add_argument('--no-segmentation', action='store_true',
+                        help='do not store the seg_static / seg_gripper object classes (the SAM stand-in)')
     args = parser.parse_args(argv)
     val = max(1, args.episodes // 10) if args.val_episodes is None else args.val_episodes
     summary = collect(args.out, args.episodes, val, tasks=args.tasks, seed=args.seed, workers=args.workers,
-                      max_steps=args.max_steps, noise=args.noise, perturb=args.perturb)
+                      max_steps=args.max_steps, noise=args.noise, perturb=args.perturb,
+                      segmentation=not args.no_segmentation)
     for task, s in summary['per_task'].items():
         print(f"{task:28s} episodes {s['episodes']:4d}  mean length {s['mean_len']:5.1f}  "
               f"expert success {s['expert_success_rate']:.1%}")

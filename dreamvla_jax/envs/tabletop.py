@@ -106,6 +106,11 @@ COLORS = {
 }
 
 BLOCKS = ('red', 'blue', 'pink')
+# Classes of the ``seg_static`` / ``seg_gripper`` frame keys (uint8 ids, ``TabletopEnv(segmentation=True)``):
+# the simulator's object masks, which stand in for the object-level knowledge of a pretrained SAM
+# (``python -m dreamvla_jax.teachers --sam segmentation``, which treats 0 = nothing and 1 = table as background).
+SEGMENT_CLASSES = ('none', 'table', 'arm', 'hand', 'red', 'blue', 'pink', 'zone', 'button_base', 'button_cap',
+                   'light')
 SCENE_OBS_LABELS = (
     'zone_x', 'zone_y', 'button_depression', 'button_x', 'button_y', 'light',
     *(f'{c}_{a}' for c in BLOCKS for a in ('x', 'y', 'z', 'rx', 'ry', 'rz')),
@@ -327,9 +332,15 @@ class TabletopEnv:
     task_names = TASK_NAMES
     instructions = TASK_INSTRUCTIONS
 
-    def __init__(self, render: bool = True):
-        """Args: render: False skips both cameras (no 'rgb_obs'/'depth_obs' in obs), for fast rollouts."""
+    def __init__(self, render: bool = True, segmentation: bool = False):
+        """Args:
+          render: False skips both cameras (no 'rgb_obs'/'depth_obs' in obs), for fast rollouts.
+          segmentation: also return each camera's object classes (``SEGMENT_CLASSES``) as
+            ``obs['seg_obs'] = {'seg_static', 'seg_gripper'}`` (uint8 [H, W]; from the same render).
+        """
         self.render = render
+        self.segmentation = segmentation
+        self._segment_lut: dict[int, int] = {}
         self.tasks = TabletopTasks()
         with _quiet_stdout():
             self._p = bullet_client.BulletClient(connection_mode=pybullet.DIRECT)
@@ -394,6 +405,15 @@ class TabletopEnv:
             0, -1, p.createVisualShape(p.GEOM_SPHERE, radius=0.012, rgbaColor=COLORS['light_off']),
             basePosition=[0.5, 0.0, 0.0])
         self._b = _Bodies(table, robot, blocks, zone, button, light)
+        # pybullet's segmentation value of (body, link) is body + ((link + 1) << 24).
+        cls = SEGMENT_CLASSES.index
+        lut = {table: cls('table'), zone: cls('zone'), button: cls('button_base'), light: cls('light'),
+               button + (1 << 24): cls('button_cap')}
+        for link in range(-1, p.getNumJoints(robot)):
+            lut[robot + ((link + 1) << 24)] = cls('arm' if link < HAND_LINK else 'hand')
+        for color, body in blocks.items():
+            lut[body] = cls(color)
+        self._segment_lut = lut
         if self._home_joints is None:
             self._home_joints = self._solve_home()
 
@@ -545,14 +565,20 @@ class TabletopEnv:
         return scene.astype(np.float32)
 
     def _render(self, view, proj, size, near, far):
-        _, _, rgba, zbuf, _ = self._p.getCameraImage(
-            size, size, view, proj, renderer=pybullet.ER_TINY_RENDERER, shadow=0,
-            flags=pybullet.ER_NO_SEGMENTATION_MASK)
+        flags = (pybullet.ER_SEGMENTATION_MASK_OBJECT_AND_LINKINDEX if self.segmentation
+                 else pybullet.ER_NO_SEGMENTATION_MASK)
+        _, _, rgba, zbuf, seg = self._p.getCameraImage(
+            size, size, view, proj, renderer=pybullet.ER_TINY_RENDERER, shadow=0, flags=flags)
         rgb = np.asarray(rgba, np.uint8).reshape(size, size, 4)[..., :3]
         zbuf = np.asarray(zbuf, np.float32).reshape(size, size)
         # OpenGL depth buffer -> metric distance along the optical axis (calvin_env's camera does the same).
         depth = far * near / (far - (far - near) * zbuf)
-        return np.ascontiguousarray(rgb), depth.astype(np.float32)
+        classes = None
+        if self.segmentation:
+            values, inverse = np.unique(np.asarray(seg, np.int64).reshape(-1), return_inverse=True)
+            ids = np.array([self._segment_lut.get(int(v), 0) for v in values], np.uint8)
+            classes = ids[inverse].reshape(size, size)
+        return np.ascontiguousarray(rgb), depth.astype(np.float32), classes
 
     def _gripper_view(self):
         """View matrix of the wrist camera, rigidly attached to the TCP frame."""
@@ -567,12 +593,14 @@ class TabletopEnv:
         """calvin_env's ``get_obs()`` layout (see ``dreamvla_jax.envs.base``)."""
         obs = {'robot_obs': self.get_robot_obs(), 'scene_obs': self.get_scene_obs()}
         if self.render:
-            rgb_s, depth_s = self._render(self._static_view, self._static_proj, STATIC_SIZE,
-                                          STATIC_NEAR, STATIC_FAR)
-            rgb_g, depth_g = self._render(self._gripper_view(), self._gripper_proj, GRIPPER_SIZE,
-                                          GRIPPER_NEAR, GRIPPER_FAR)
+            rgb_s, depth_s, seg_s = self._render(self._static_view, self._static_proj, STATIC_SIZE,
+                                                 STATIC_NEAR, STATIC_FAR)
+            rgb_g, depth_g, seg_g = self._render(self._gripper_view(), self._gripper_proj, GRIPPER_SIZE,
+                                                 GRIPPER_NEAR, GRIPPER_FAR)
             obs['rgb_obs'] = {'rgb_static': rgb_s, 'rgb_gripper': rgb_g}
             obs['depth_obs'] = {'depth_static': depth_s, 'depth_gripper': depth_g}
+            if self.segmentation:
+                obs['seg_obs'] = {'seg_static': seg_s, 'seg_gripper': seg_g}
         return obs
 
     def get_info(self) -> dict:

@@ -4,6 +4,8 @@ r"""``python -m dreamvla_jax.teachers``: precompute teacher features of a CALVIN
       --sam weights/sam-vit-base --teachers motion,depth,sam
   python -m dreamvla_jax.teachers --data runs/debug_data --out runs/debug_data/features \
       --config configs/calvin.py:debug --random-init --teacher-scale tiny
+  python -m dreamvla_jax.teachers --data runs/demo/data --out runs/demo/data/features \
+      --config configs/tabletop.py --sam segmentation --random-init --teacher-scale tiny
 """
 
 import argparse
@@ -29,7 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--feature-grid', type=int, default=None,
                    help='store SAM / DINOv2 maps average-pooled to NxN (divides 16; default: the mask_grid of '
                         "--config's SAM / DINOv2 head when it divides 16, else 16)")
-    p.add_argument('--sam', default=None, help='local transformers SAM folder (e.g. facebook/sam-vit-base)')
+    p.add_argument('--sam', default=None,
+                   help="local transformers SAM folder (e.g. facebook/sam-vit-base), or 'segmentation': the "
+                        "dataset's seg_static / seg_gripper object classes (tabletop collect) stand in for SAM")
     p.add_argument('--dinov2', default=None, help='local transformers DINOv2 folder (facebook/dinov2-base)')
     p.add_argument('--depth-model', default=None,
                    help='local Depth-Anything v2 folder (depth-anything/Depth-Anything-V2-Base-hf)')

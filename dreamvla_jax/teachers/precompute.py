@@ -3,7 +3,8 @@
 Per annotated frame (the frames training windows read) and camera (static, gripper):
 - ``tracks``  float16 [2, grid*grid, 2]: grid displacement from frame j to min(j + gap, episode end);
 - ``sam``     float16 [2, g, g, 256]: SAM image-encoder features, average-pooled to ``sam_grid`` (16 unless the
-  config's SAM head decodes a coarser grid: the store then keeps only what training reads);
+  config's SAM head decodes a coarser grid: the store then keeps only what training reads); with
+  ``sam='segmentation'``, the dataset's own object classes instead (``teachers.segmentation``);
 - ``dino``    float16 [2, g, g, 768]: DINOv2 patch tokens, average-pooled to ``dino_grid`` (likewise);
 - ``depth_static`` / ``depth_gripper`` float16 [H, W]: Depth-Anything pseudo-depth, only for datasets
   without depth (CALVIN has depth: it is read from the frames instead).
@@ -30,6 +31,7 @@ from dreamvla_jax.data.errors import DataError
 
 TEACHERS = ('motion', 'depth', 'sam', 'dinov2')
 FEATURE_GRID = 16  # side of the SAM / DINOv2 maps the teachers produce (SPEC section 4)
+SEGMENTATION = 'segmentation'  # --sam value: the dataset's seg_static / seg_gripper classes stand in for SAM
 CAMERAS = ('static', 'gripper')
 # Test hook: after the first batch of this shard index is written, the run announces it and hangs (so a
 # test can SIGKILL it while a shard is half written).
@@ -101,6 +103,15 @@ def _settings(opts: Options, ds: CalvinDataset, frames: np.ndarray, image_shapes
         if name == 'depth' and ds.has_depth:
             teachers['depth'] = {'source': 'dataset (depth_static, depth_gripper)', 'random_init': False}
             continue
+        if name == 'sam' and path == SEGMENTATION:
+            if not {f'seg_{cam}' for cam in CAMERAS} <= set(ds.frame_keys()):
+                raise DataError(f"--sam segmentation: the frames of {ds.root} have no seg_static / seg_gripper "
+                                "keys (python -m dreamvla_jax.envs.collect stores them; CALVIN has none).")
+            from dreamvla_jax.teachers.segmentation import SegmentationTeacher
+
+            teachers['sam'] = dict(SegmentationTeacher.info)
+            fields['sam'] = ([2, opts.sam_grid, opts.sam_grid, 256], 'float16')
+            continue
         rnd = bool(opts.random_init)
         teachers[name] = {'source': os.path.abspath(path) if (path and not rnd) else None,
                           'random_init': rnd, 'scale': opts.teacher_scale if rnd else 'pretrained',
@@ -165,13 +176,13 @@ def prepare_store(out: Path, manifest: dict, frames: np.ndarray) -> dict:
 class FrameCache:
     """LRU of decoded camera images (tracking reads each frame up to gap + 1 times)."""
 
-    def __init__(self, ds: CalvinDataset, size: int):
-        self.ds, self.size = ds, size
+    def __init__(self, ds: CalvinDataset, size: int, kinds: tuple[str, ...] = ('rgb',)):
+        self.ds, self.size, self.kinds = ds, size, kinds
         self.items: collections.OrderedDict[int, dict] = collections.OrderedDict()
 
     def get_many(self, ids, pool: ThreadPoolExecutor) -> list[dict]:
         todo = [i for i in dict.fromkeys(ids) if i not in self.items]
-        keys = [f'rgb_{c}' for c in CAMERAS]
+        keys = [f'{k}_{c}' for k in self.kinds for c in CAMERAS]
         for i, frame in zip(todo, pool.map(lambda f: self.ds.frame(f, keys), todo), strict=True):
             self.items[i] = frame
         out = []
@@ -207,6 +218,11 @@ def run(opts: Options) -> dict:
             tracker = build_tracker(opts.image_size, opts.grid, opts.cotracker, opts.device)
         for name, field in (('sam', 'sam'), ('dinov2', 'dino'), ('depth', 'depth')):
             spec = manifest['teachers'].get(name)
+            if name == 'sam' and opts.sam == SEGMENTATION:
+                from dreamvla_jax.teachers.segmentation import SegmentationTeacher
+
+                models[field] = SegmentationTeacher()
+                continue
             if spec is None or str(spec.get('source') or '').startswith('dataset'):
                 continue
             path = {'sam': opts.sam, 'dinov2': opts.dinov2, 'depth': opts.depth_model}[name]
@@ -218,7 +234,8 @@ def run(opts: Options) -> dict:
     done = sum(min(opts.shard_size, len(frames) - k * opts.shard_size)
                for k in range(len(shards)) if k not in todo)
     hang_at = int(os.environ.get(HANG_ENV, '-1'))
-    cache = FrameCache(ds, size=4 * (opts.batch_size + opts.gap + 1))
+    sources = {'rgb'} | {getattr(m, 'frame_key', 'rgb') for m in models.values()}
+    cache = FrameCache(ds, size=4 * (opts.batch_size + opts.gap + 1), kinds=tuple(sorted(sources)))
     bar = tqdm(total=len(frames), initial=done, unit='frame', desc=f'teachers -> {out.name}',
                disable=not opts.progress, dynamic_ncols=True)
     with ThreadPoolExecutor(max(4, os.cpu_count() or 1)) as pool:
@@ -269,7 +286,8 @@ def compute_batch(ds, batch, cache, pool, tracker, models, opts) -> list[dict]:
             r['tracks'] = t.astype(np.float16)
     for field, model in models.items():
         side = {'sam': opts.sam_grid, 'dino': opts.dino_grid}.get(field, FEATURE_GRID)
-        per_cam = [model(np.stack([f[f'rgb_{cam}'] for f in imgs]), grid=side) for cam in CAMERAS]
+        source = getattr(model, 'frame_key', 'rgb')
+        per_cam = [model(np.stack([f[f'{source}_{cam}'] for f in imgs]), grid=side) for cam in CAMERAS]
         for i, r in enumerate(recs):
             if field == 'depth':
                 for c, cam in enumerate(CAMERAS):
