@@ -4,7 +4,8 @@ r"""The main job on the embedded default, end to end on 2 CPU cores: ``make demo
 
 Stages (each skipped when its output exists, so a rerun continues where the last one stopped):
   1. collect   scripted demonstrations on the built-in pybullet tabletop -> ``<workdir>/data`` (CALVIN format)
-  2. teachers  motion tracks (OpenCV LK), simulator depth, random-init tiny SAM -> ``<workdir>/data/features``
+  2. teachers  motion tracks (OpenCV LK), simulator depth, the simulator's object masks in place of SAM
+               (``--sam segmentation``) -> ``<workdir>/data/features``
   3. train     ``configs/tabletop.py`` on 8 fake CPU devices for at most ``--minutes`` -> ``<workdir>/train``
   4. evaluate  closed loop on the 6 tabletop tasks: the policy, a random and a mean-action baseline on the
                same seeded scenes -> ``<workdir>/eval`` (results, rollout videos, dream panels)
@@ -122,8 +123,11 @@ def stage_teachers(plan: Plan, work: Path) -> None:
         print('  done already (data/features/manifest.json is complete)')
         return
     # The store resumes by itself: finished shards are kept.
+    # The SAM dream's target: the collected object masks (random-init SAM weights mark no object; see
+    # teachers/segmentation.py). --random-init covers the other teachers should the config enable them.
     _run([sys.executable, '-m', 'dreamvla_jax.teachers', '--data', str(work / 'data'), '--out', str(store),
-          '--config', _config_spec(plan), '--random-init', '--teacher-scale', 'tiny'], 'teachers')
+          '--config', _config_spec(plan), '--sam', 'segmentation', '--random-init', '--teacher-scale', 'tiny'],
+         'teachers')
 
 
 def stage_train(plan: Plan, work: Path) -> None:
@@ -314,7 +318,7 @@ def main(argv=None) -> dict:
           'min on 2 CPU cores):\n'
           f"  1. collect   {plan.episodes} scripted demonstrations on the pybullet tabletop "
           f"(~{est['collect']:.0f} min)\n"
-          f"  2. teachers  motion tracks, depth, random-init tiny SAM features (~{est['teachers']:.0f} min)\n"
+          f"  2. teachers  motion tracks, depth, object masks as SAM targets (~{est['teachers']:.0f} min)\n"
           f"  3. train     configs/tabletop.py:{plan.preset} on {FAKE_DEVICES} fake CPU devices"
           f"{f' for at most {plan.minutes:g} min' if plan.minutes else ''} (~{est['train']:.0f} min)\n"
           f"  4. evaluate  policy vs random vs mean-action, {plan.eval_episodes} episodes x 6 tasks "
