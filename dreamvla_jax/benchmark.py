@@ -429,7 +429,8 @@ def parse_args(argv=None):
     t.add_argument('--abstract', action='store_true',
                    help='compile from abstract inputs and print the memory estimate; run nothing')
     t.add_argument('--batch', type=int, default=0, help='global batch (default: config.train.batch_size)')
-    t.add_argument('--steps', type=int, default=5, help='timed steps (median)')
+    t.add_argument('--steps', type=int, default=5,
+                   help='steps per timed run (back to back; the median of 3 runs is reported)')
     t.add_argument('--profile', default=None, metavar='DIR',
                    help='trace 3 steps per variant into DIR/<variant> after timing and report device '
                         'milliseconds per module (fwd/bwd) and the costliest HLO ops; turns off XLA:GPU '
