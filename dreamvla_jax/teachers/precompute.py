@@ -28,6 +28,7 @@ import numpy as np
 from dreamvla_jax.data import store as store_lib
 from dreamvla_jax.data.calvin import CalvinDataset
 from dreamvla_jax.data.errors import DataError
+from dreamvla_jax.teachers.segmentation import SegmentationTeacher
 
 TEACHERS = ('motion', 'depth', 'sam', 'dinov2')
 FEATURE_GRID = 16  # side of the SAM / DINOv2 maps the teachers produce (SPEC section 4)
@@ -107,8 +108,6 @@ def _settings(opts: Options, ds: CalvinDataset, frames: np.ndarray, image_shapes
             if not {f'seg_{cam}' for cam in CAMERAS} <= set(ds.frame_keys()):
                 raise DataError(f"--sam segmentation: the frames of {ds.root} have no seg_static / seg_gripper "
                                 "keys (python -m dreamvla_jax.envs.collect stores them; CALVIN has none).")
-            from dreamvla_jax.teachers.segmentation import SegmentationTeacher
-
             teachers['sam'] = dict(SegmentationTeacher.info)
             fields['sam'] = ([2, opts.sam_grid, opts.sam_grid, 256], 'float16')
             continue
@@ -219,8 +218,6 @@ def run(opts: Options) -> dict:
         for name, field in (('sam', 'sam'), ('dinov2', 'dino'), ('depth', 'depth')):
             spec = manifest['teachers'].get(name)
             if name == 'sam' and opts.sam == SEGMENTATION:
-                from dreamvla_jax.teachers.segmentation import SegmentationTeacher
-
                 models[field] = SegmentationTeacher()
                 continue
             if spec is None or str(spec.get('source') or '').startswith('dataset'):

@@ -20,8 +20,6 @@ from __future__ import annotations
 import numpy as np
 
 CHANNELS = 256  # SAM's feature width: the store's field keeps its shape whatever the source
-
-
 BACKGROUND = (0, 1)  # class ids without a target: nothing, and the supporting surface (tabletop: the table)
 
 
