@@ -84,6 +84,8 @@ def collect_episode(task: str, seed: int, split: str, index: int, max_steps: int
 def _worker_env(segmentation: bool = True) -> TabletopEnv:
     global _WORKER_ENV
     if _WORKER_ENV is None or _WORKER_ENV.segmentation != segmentation:
+        if _WORKER_ENV is not None:
+            _WORKER_ENV.close()  # one simulator per worker
         _WORKER_ENV = TabletopEnv(render=True, segmentation=segmentation)
     return _WORKER_ENV
 

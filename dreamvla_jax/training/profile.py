@@ -95,9 +95,10 @@ def summarize(trace: dict, hlo_text: str, steps: int, flops=(), top: int = 25) -
     by_scope, by_op, unmapped = collections.Counter(), collections.Counter(), 0
     for op, event_name, us in ops:
         op_name = names.get(op) or event_name
+        scope = scope_of(op_name)
         unmapped += not op_name
-        by_scope[scope_of(op_name)] += us
-        by_op[op, scope_of(op_name), op_name] += us
+        by_scope[scope] += us
+        by_op[op, scope, op_name] += us
     ms = 1e-3 / max(steps, 1)
     scope_flops = collections.Counter()
     for path, f in flops:
